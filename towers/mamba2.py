@@ -1,0 +1,96 @@
+"""Mamba-2 mixer of NemotronH.
+
+Shapes (b batch, l tokens, d hidden; h heads, p head dim, g groups, n state size, k conv kernel):
+    in_proj(u) [b, l, d_inner + conv_dim + h], split  z | xBC | dt
+    xBC -> causal depthwise conv (history = last k-1 raw columns) -> silu -> x [h*p] | B [g*n] | C [g*n]
+    dt = softplus(dt + dt_bias), clamped to time_step_limit; A = -exp(A_log)
+    SSD scan (float32) from the given SSM state; y += D x
+    y = rmsnorm_per_group(y * silu(z)) * norm.weight; out_proj(y) [b, l, d]
+The mixer is functional: it reads a MambaState and returns the state after the input; the caller
+decides whether to keep it (context tower) or drop it (denoiser).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from twotower import kernels
+
+from .config import NemotronHConfig
+from .norm import GatedGroupRMSNorm
+from .state import MambaState
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg: NemotronHConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.nheads, self.hdim = cfg.mamba_num_heads, cfg.mamba_head_dim
+        self.ngroups, self.dstate = cfg.n_groups, cfg.ssm_state_size
+        self.d_inner, self.conv_dim = cfg.d_inner, cfg.conv_dim
+        self.in_proj = nn.Linear(cfg.hidden_size, cfg.in_proj_dim, bias=cfg.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.conv_kernel, groups=self.conv_dim,
+                                padding=cfg.conv_kernel - 1, bias=cfg.use_conv_bias)  # fmt: skip
+        self.dt_bias = nn.Parameter(torch.zeros(self.nheads))
+        self.A_log = nn.Parameter(torch.zeros(self.nheads))
+        self.D = nn.Parameter(torch.ones(self.nheads))
+        self.norm = GatedGroupRMSNorm(self.d_inner, self.d_inner // self.ngroups, cfg.layer_norm_epsilon)
+        self.out_proj = nn.Linear(self.d_inner, cfg.hidden_size, bias=cfg.mamba_proj_bias)
+
+    @staticmethod
+    def state_spec(cfg: NemotronHConfig, batch: int, dtype: torch.dtype) -> dict[str, tuple[tuple, torch.dtype]]:
+        ssm_dtype = getattr(torch, cfg.mamba_ssm_cache_dtype)
+        return {
+            "conv": ((batch, cfg.conv_dim, cfg.conv_kernel), dtype),
+            "ssm": ((batch, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size), ssm_dtype),
+        }
+
+    def _dt(self, dt_raw: Tensor) -> Tensor:
+        dt = F.softplus(dt_raw.float() + self.dt_bias.float())
+        lo, hi = self.cfg.time_step_limit
+        if lo > 0.0 or math.isfinite(hi):
+            dt = dt.clamp(min=lo, max=hi)
+        return dt
+
+    def forward(
+        self, u: Tensor, state: MambaState, n_valid: Tensor | None = None, inplace: bool = False
+    ) -> tuple[Tensor, MambaState]:
+        """u [b, l, d] -> (out [b, l, d], state after the input).
+
+        n_valid [b]: rows are right-padded, row r has n_valid[r] real tokens (dt = 0 past them, so its
+        state stops there). `inplace` lets a one-token call use the recurrent step kernels, which may
+        overwrite `state`'s tensors; without it the input state is never modified."""
+        bsz, seqlen, _ = u.shape
+        z, xBC, dt_raw = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        weight = self.conv1d.weight[:, 0, :]  # [conv_dim, k]
+        A = -torch.exp(self.A_log.float())
+        dt = self._dt(dt_raw)  # [b, l, h] float32
+        gn = self.ngroups * self.dstate
+        if seqlen == 1 and n_valid is None and inplace:
+            conv_out, conv_state = kernels.causal_conv1d_update(xBC[:, 0], state.conv, weight, self.conv1d.bias)
+            x, B, C = torch.split(F.silu(conv_out), [self.d_inner, gn, gn], dim=-1)
+            y, ssm = kernels.ssd_step(
+                state.ssm, x.view(bsz, self.nheads, self.hdim), dt[:, 0], A,
+                B.view(bsz, self.ngroups, self.dstate), C.view(bsz, self.ngroups, self.dstate), self.D,
+            )  # fmt: skip
+            y = y.reshape(bsz, 1, self.d_inner)
+        else:
+            xBC_t = xBC.transpose(1, 2)  # [b, conv_dim, l]
+            conv_out = kernels.causal_conv1d(xBC_t, weight, self.conv1d.bias, history=state.conv[..., 1:])
+            conv_state = kernels.conv_state_after(state.conv, xBC_t, n_valid)
+            x, B, C = torch.split(F.silu(conv_out.transpose(1, 2)), [self.d_inner, gn, gn], dim=-1)
+            if n_valid is not None:
+                dt = dt * (torch.arange(seqlen, device=u.device)[None, :] < n_valid[:, None])[..., None]
+            y, ssm = kernels.ssd_scan(
+                x.reshape(bsz, seqlen, self.nheads, self.hdim), dt, A,
+                B.reshape(bsz, seqlen, self.ngroups, self.dstate),
+                C.reshape(bsz, seqlen, self.ngroups, self.dstate),
+                self.D, initial_state=state.ssm, chunk_size=self.cfg.chunk_size,
+            )  # fmt: skip
+            y = y.reshape(bsz, seqlen, self.d_inner)
+        out = self.out_proj(self.norm(y.to(u.dtype), z))
+        return out, MambaState(conv_state.to(state.conv.dtype), ssm.to(state.ssm.dtype))
