@@ -59,9 +59,7 @@ def ssd_scan(x, dt, A, B, C, D=None, initial_state=None, chunk_size=128):
     shorter than the chunk it is reported to decay the initial state wrongly (mamba-ssm 2.3.2)."""
     mod = _fast(x, "mamba_ssm.ops.triton.ssd_combined") if initial_state is None else None
     if mod is not None:
-        y, final = mod.mamba_chunk_scan_combined(
-            x, dt, A, B, C, chunk_size, D=D, return_final_states=True
-        )
+        y, final = mod.mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=D, return_final_states=True)
         return y.float(), final.float()
     return ssd_scan_ref(x, dt, A, B, C, D, initial_state, chunk_size)
 
@@ -73,7 +71,12 @@ def ssd_step(state, x, dt, A, B, C, D=None):
     if mod is not None and state.dtype == torch.float32:
         p, n = x.shape[-1], state.shape[-1]
         y = mod.selective_state_update(
-            state, x, dt[..., None].expand(-1, -1, p), A[:, None, None].expand(-1, p, n).float(), B, C,
+            state,
+            x,
+            dt[..., None].expand(-1, -1, p),
+            A[:, None, None].expand(-1, p, n).float(),
+            B,
+            C,
             D=None if D is None else D[:, None].expand(-1, p),
         )
         return y.float(), state
@@ -84,9 +87,9 @@ def causal_conv1d(x, weight, bias, history):
     """Depthwise causal conv over [history | x]: see `causal_conv1d_ref`."""
     mod = _fast(x, "causal_conv1d")
     if mod is not None and history is not None and x.dtype == weight.dtype:
-        hist = history[..., -(weight.shape[1] - 1):].to(x.dtype)
+        hist = history[..., -(weight.shape[1] - 1) :].to(x.dtype)
         xx = torch.cat([hist, x], dim=-1).contiguous()
-        return mod.causal_conv1d_fn(xx, weight, bias)[..., hist.shape[-1]:]
+        return mod.causal_conv1d_fn(xx, weight, bias)[..., hist.shape[-1] :]
     return causal_conv1d_ref(x, weight, bias, history)
 
 

@@ -19,7 +19,7 @@ def causal_conv1d_ref(x: Tensor, weight: Tensor, bias: Tensor | None, history: T
     d, w = weight.shape
     if history is None:
         history = x.new_zeros(x.shape[0], d, w - 1)
-    xx = torch.cat([history[..., -(w - 1):].to(x.dtype), x], dim=-1)
+    xx = torch.cat([history[..., -(w - 1) :].to(x.dtype), x], dim=-1)
     return F.conv1d(xx, weight[:, None, :].to(x.dtype), bias.to(x.dtype) if bias is not None else None, groups=d)
 
 

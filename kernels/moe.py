@@ -33,9 +33,7 @@ def _sort_by_expert(topk_idx: Tensor, n_experts: int) -> tuple[Tensor, Tensor, T
     return order, counts, order // topk_idx.shape[1]  # last: the token each sorted row came from
 
 
-def moe_experts(
-    x: Tensor, topk_idx: Tensor, topk_w: Tensor, up: Tensor, down: Tensor, impl: str = "auto"
-) -> Tensor:
+def moe_experts(x: Tensor, topk_idx: Tensor, topk_w: Tensor, up: Tensor, down: Tensor, impl: str = "auto") -> Tensor:
     """Sort (token, expert) pairs by expert, run each expert on its contiguous rows, scatter back.
 
     impl: "segments" (one matmul per expert that received tokens), "grouped" (torch grouped_mm, one call

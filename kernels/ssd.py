@@ -68,11 +68,7 @@ def ssd_scan_ref(
     to_end = torch.exp(dA_cum[:, :, -1:, :] - dA_cum)  # [b, c, q, h]
     local = torch.einsum("bcjh,bcjhp,bcjhn->bchpn", to_end, xdt, Bc)
     # 3) pass states across chunks (sequential in c)
-    state = (
-        initial_state.float()
-        if initial_state is not None
-        else x.new_zeros(bsz, nheads, hdim, nstate)
-    )
+    state = initial_state.float() if initial_state is not None else x.new_zeros(bsz, nheads, hdim, nstate)
     chunk_decay = torch.exp(dA_cum[:, :, -1, :])  # [b, c, h]
     starts = []
     for c in range(nc):
@@ -93,7 +89,12 @@ def ssd_scan_ref(
 
 
 def ssd_recurrence_ref(
-    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
     initial_state: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Token-by-token recurrence: the executable definition the chunked scan is tested against."""

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from .attention import Attention
-from .config import ATTENTION, MAMBA, MLP as MLP_KIND, MOE, NemotronHConfig
+from .config import ATTENTION, MAMBA, MOE, NemotronHConfig
+from .config import MLP as MLP_KIND
 from .mamba2 import Mamba2Mixer
 from .moe import MLP, MoE
 from .norm import RMSNorm

@@ -261,6 +261,7 @@ class DiffusionDefaults:
 
 # ---- named presets ---------------------------------------------------------------------------------
 
+
 def _nano_30b() -> NemotronHConfig:
     return NemotronHConfig()
 

@@ -43,7 +43,9 @@ class ContextTower(nn.Module):
         return self.model.run(h, state, LayerRun(causal=True, write=True, n_valid=n_valid))
 
     @torch.no_grad()
-    def prefill(self, ids: Tensor, n_valid: Tensor | None = None, capacity: int | None = None) -> tuple[ContextState, Tensor]:
+    def prefill(
+        self, ids: Tensor, n_valid: Tensor | None = None, capacity: int | None = None
+    ) -> tuple[ContextState, Tensor]:
         """Prompts [b, l] -> (state, logits at each row's last token [b, vocab])."""
         state = self.new_state(ids.shape[0], capacity or max(ids.shape[1], 16))
         return state, self.extend(ids, state, n_valid)

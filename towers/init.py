@@ -16,7 +16,7 @@ def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast floating parameters/buffers to `dtype`, except modules marked `keep_fp32` (the router)."""
     for mod in model.modules():
         keep = getattr(mod, "keep_fp32", False)
-        for name, p in list(mod.named_parameters(recurse=False)):
+        for p in list(mod.parameters(recurse=False)):
             if p.is_floating_point():
                 p.data = p.data.to(torch.float32 if keep else dtype)
         for name, b in list(mod.named_buffers(recurse=False)):
