@@ -110,6 +110,7 @@ class NemotronHConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     torch_dtype: str = "bfloat16"
+    model_type: str = "nemotron_h"
     # Unknown keys of the source config.json, written back unchanged.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -229,7 +230,6 @@ class NemotronHConfig:
         out["hybrid_override_pattern"] = self.pattern
         out["num_hidden_layers"] = self.num_hidden_layers
         out["time_step_limit"] = [v if math.isfinite(v) else {"__float__": "Infinity"} for v in self.time_step_limit]
-        out.setdefault("model_type", "nemotron_h")
         return out
 
     def layers_block_type(self) -> list[str]:
