@@ -52,16 +52,18 @@ def fast_paths() -> dict[str, bool]:
     return {n: _optional(n) is not None for n in names}
 
 
-def ssd_scan(x, dt, A, B, C, D=None, initial_state=None, chunk_size=128):
-    """Chunked SSD: see `ssd_scan_ref`. Returns (y float32 [b,l,h,p], final state float32 [b,h,p,n]).
+def ssd_scan(x, dt, A, B, C, D=None, initial_state=None, chunk_size=128, return_all_states=False):
+    """Chunked SSD: see `ssd_scan_ref`. Returns (y float32 [b,l,h,p], final state float32 [b,h,p,n]),
+    or with `return_all_states` the state after every position [b,l,h,p,n] in place of the final one.
 
     mamba-ssm's combined kernel is used only without an initial state: with a seeded state and a block
     shorter than the chunk it is reported to decay the initial state wrongly (mamba-ssm 2.3.2)."""
-    mod = _fast(x, "mamba_ssm.ops.triton.ssd_combined") if initial_state is None else None
+    use_fast = initial_state is None and not return_all_states
+    mod = _fast(x, "mamba_ssm.ops.triton.ssd_combined") if use_fast else None
     if mod is not None:
         y, final = mod.mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=D, return_final_states=True)
         return y.float(), final.float()
-    return ssd_scan_ref(x, dt, A, B, C, D, initial_state, chunk_size)
+    return ssd_scan_ref(x, dt, A, B, C, D, initial_state, chunk_size, return_all_states)
 
 
 def ssd_step(state, x, dt, A, B, C, D=None):

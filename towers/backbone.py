@@ -20,7 +20,7 @@ from .config import MLP as MLP_KIND
 from .mamba2 import Mamba2Mixer
 from .moe import MLP, MoE
 from .norm import RMSNorm
-from .state import AttentionState, ContextState, MambaState
+from .state import AttentionState, ContextState, MambaState, MambaTrace
 
 # Per layer i: (shift, scale, gate), each [b, 1, d].
 Modulation = Callable[[int], tuple[Tensor, Tensor, Tensor]]
@@ -54,6 +54,7 @@ class LayerRun:
     write: bool  # keep the advanced state in `state` (context tower)
     n_valid: Tensor | None = None  # [b] real tokens per right-padded row
     modulation: Modulation | None = None
+    traces: dict[int, MambaTrace] | None = None  # filled per Mamba layer when given (rollback)
 
 
 class Backbone(nn.Module):
@@ -104,7 +105,10 @@ class Backbone(nn.Module):
             else:
                 u = block.norm(h)
             if kind == MAMBA:
-                y, new = block.mixer(u, state.layers[i], n_valid=how.n_valid, inplace=step_inplace)
+                tr: list[MambaTrace] | None = [] if how.traces is not None else None
+                y, new = block.mixer(u, state.layers[i], n_valid=how.n_valid, inplace=step_inplace, trace=tr)
+                if tr:
+                    how.traces[i] = tr[0]
                 if how.write:
                     state.layers[i] = new
             elif kind == ATTENTION:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .backbone import Backbone, LayerRun
 from .config import NemotronHConfig
-from .state import ContextState
+from .state import ContextState, MambaTrace
 
 
 class ContextTower(nn.Module):
@@ -31,16 +31,24 @@ class ContextTower(nn.Module):
         """hidden [..., d] -> float32 logits [..., vocab] (position j predicts token j + 1)."""
         return self.lm_head(hidden).float()
 
-    def forward(self, ids: Tensor, state: ContextState, n_valid: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        ids: Tensor,
+        state: ContextState,
+        n_valid: Tensor | None = None,
+        traces: dict[int, MambaTrace] | None = None,
+    ) -> Tensor:
         """ids [b, l] appended to `state` in place -> final hidden states [b, l, d].
 
-        n_valid [b]: right-padded rows; row r reads only ids[r, :n_valid[r]]."""
+        n_valid [b]: right-padded rows; row r reads only ids[r, :n_valid[r]] (0 leaves the row as it is).
+        traces: when a dict is given, every Mamba layer's intermediate states are recorded in it, so
+        that `state.rewind` can keep any prefix of the new tokens afterwards."""
         if ids.dim() != 2 or ids.shape[0] != state.batch_size:
             raise ValueError(f"ids: expected [batch={state.batch_size}, len], got {tuple(ids.shape)}")
-        if n_valid is not None and (n_valid < 1).any():
-            raise ValueError("n_valid: every row needs at least one token")
+        if n_valid is not None and ((n_valid < 0) | (n_valid > ids.shape[1])).any():
+            raise ValueError(f"n_valid: each row needs 0..{ids.shape[1]} tokens, got {n_valid.tolist()}")
         h = self.model.embeddings(ids)
-        return self.model.run(h, state, LayerRun(causal=True, write=True, n_valid=n_valid))
+        return self.model.run(h, state, LayerRun(causal=True, write=True, n_valid=n_valid, traces=traces))
 
     @torch.no_grad()
     def prefill(
@@ -56,8 +64,21 @@ class ContextTower(nn.Module):
         hidden = self(ids, state, n_valid)
         if n_valid is None:
             return self.logits(hidden[:, -1])
-        last = (n_valid - 1).to(torch.long)
+        last = (n_valid - 1).clamp(min=0).to(torch.long)
         return self.logits(hidden[torch.arange(ids.shape[0], device=ids.device), last])
+
+    @torch.no_grad()
+    def verify(
+        self, ids: Tensor, state: ContextState, n_valid: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, dict[int, MambaTrace]]:
+        """Read a drafted block ids [b, l] like `extend`, keeping what a rollback needs.
+
+        Returns (logits [b, l, vocab] at every position, lengths before the block, Mamba traces); then
+        `state.rewind(base, traces, keep)` keeps the first keep[r] tokens of row r."""
+        base = state.lengths.clone()
+        traces: dict[int, MambaTrace] = {}
+        hidden = self(ids, state, n_valid, traces=traces)
+        return self.logits(hidden), base, traces
 
     @torch.no_grad()
     def decode(self, ids: Tensor, state: ContextState) -> Tensor:

@@ -22,7 +22,7 @@ from twotower import kernels
 
 from .config import NemotronHConfig
 from .norm import GatedGroupRMSNorm
-from .state import MambaState
+from .state import MambaState, MambaTrace
 
 
 class Mamba2Mixer(nn.Module):
@@ -57,20 +57,26 @@ class Mamba2Mixer(nn.Module):
         return dt
 
     def forward(
-        self, u: Tensor, state: MambaState, n_valid: Tensor | None = None, inplace: bool = False
+        self,
+        u: Tensor,
+        state: MambaState,
+        n_valid: Tensor | None = None,
+        inplace: bool = False,
+        trace: list[MambaTrace] | None = None,
     ) -> tuple[Tensor, MambaState]:
         """u [b, l, d] -> (out [b, l, d], state after the input).
 
         n_valid [b]: rows are right-padded, row r has n_valid[r] real tokens (dt = 0 past them, so its
         state stops there). `inplace` lets a one-token call use the recurrent step kernels, which may
-        overwrite `state`'s tensors; without it the input state is never modified."""
+        overwrite `state`'s tensors; without it the input state is never modified. With `trace` (a list),
+        the states after every prefix of the input are appended to it as a MambaTrace (for rollback)."""
         bsz, seqlen, _ = u.shape
         z, xBC, dt_raw = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         weight = self.conv1d.weight[:, 0, :]  # [conv_dim, k]
         A = -torch.exp(self.A_log.float())
         dt = self._dt(dt_raw)  # [b, l, h] float32
         gn = self.ngroups * self.dstate
-        if seqlen == 1 and n_valid is None and inplace:
+        if seqlen == 1 and n_valid is None and inplace and trace is None:
             conv_out, conv_state = kernels.causal_conv1d_update(xBC[:, 0], state.conv, weight, self.conv1d.bias)
             x, B, C = torch.split(F.silu(conv_out), [self.d_inner, gn, gn], dim=-1)
             y, ssm = kernels.ssd_step(
@@ -90,7 +96,12 @@ class Mamba2Mixer(nn.Module):
                 B.reshape(bsz, seqlen, self.ngroups, self.dstate),
                 C.reshape(bsz, seqlen, self.ngroups, self.dstate),
                 self.D, initial_state=state.ssm, chunk_size=self.cfg.chunk_size,
+                return_all_states=trace is not None,
             )  # fmt: skip
+            if trace is not None:  # ssm: [b, l, h, p, n], the state after each position
+                ssm_all = torch.cat([state.ssm.float()[:, None], ssm], dim=1).to(state.ssm.dtype)
+                trace.append(MambaTrace(ssm_all, torch.cat([state.conv, xBC_t.to(state.conv.dtype)], dim=-1)))
+                ssm = ssm[:, -1]  # dt = 0 past n_valid, so the last state is each row's final one
             y = y.reshape(bsz, seqlen, self.d_inner)
         out = self.out_proj(self.norm(y.to(u.dtype), z))
         return out, MambaState(conv_state.to(state.conv.dtype), ssm.to(state.ssm.dtype))

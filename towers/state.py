@@ -40,6 +40,24 @@ class MambaState:
 LayerState = AttentionState | MambaState | None
 
 
+@dataclass
+class MambaTrace:
+    """Every intermediate state of one Mamba layer over a chunk of l new tokens (for rollback):
+    ssm [b, l + 1, heads, head_dim, state] (index j = after j new tokens) and the raw conv columns
+    [b, conv_dim, conv_kernel + l] (old state columns, then the chunk's)."""
+
+    ssm: Tensor
+    cols: Tensor
+
+    def state_after(self, keep: Tensor) -> MambaState:
+        """The state after keep[r] new tokens of row r."""
+        rows = torch.arange(keep.shape[0], device=keep.device)
+        w = self.cols.shape[-1] - (self.ssm.shape[1] - 1)
+        idx = keep.to(torch.long)[:, None] + torch.arange(w, device=keep.device)[None, :]
+        conv = torch.gather(self.cols, 2, idx[:, None, :].expand(-1, self.cols.shape[1], -1))
+        return MambaState(conv, self.ssm[rows, keep.to(torch.long)].clone())
+
+
 def _grow(t: Tensor, capacity: int) -> Tensor:
     if t.shape[1] >= capacity:
         return t
@@ -134,6 +152,13 @@ class ContextState:
             else:
                 layers.append(None)
         return ContextState(layers, flat["lengths"])
+
+    def rewind(self, base_lengths: Tensor, traces: dict[int, MambaTrace], keep: Tensor) -> None:
+        """Undo part of the last write: row r keeps only keep[r] of the tokens it read after
+        `base_lengths[r]`. KV is cropped by length; Mamba layers take their traced intermediate states."""
+        self.lengths = base_lengths + keep
+        for i, tr in traces.items():
+            self.layers[i] = tr.state_after(keep)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.to_flat().values())
