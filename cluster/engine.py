@@ -1,0 +1,278 @@
+"""The engine: requests in, streamed deltas out. The step loop reads like the algorithm:
+
+    step():  drop aborted rows -> schedule (admit, pick lanes) -> prefill new rows -> step each lane
+             -> turn the tokens each request kept into deltas -> release finished requests
+
+It drives the towers only through a TowerExecutor, so the same engine runs in-process or over Ray.
+`AsyncEngine` wraps it for asyncio servers: one background loop, one queue per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from .executor import TowerExecutor
+from .lanes import ARLane, DiffusionLane, Event, Lane, LosslessLane, MockARLane
+from .request import FinishReason, Request, RequestOutput, Status, Usage
+from .sampling import ModelLimits, SamplingParams
+from .scheduler import Scheduler
+from .tokenizer import IncrementalDetokenizer, TokenizerLike, find_stop
+
+
+@dataclass
+class StepStats:
+    """What one engine step did (for metrics hooks)."""
+
+    seconds: float
+    lanes: list[str]
+    rows: int  # running requests after admission
+    new_tokens: int
+    admitted: int
+    finished: int
+    waiting: int
+
+
+@dataclass
+class EngineHooks:
+    on_step: list[Callable[[StepStats], None]] = field(default_factory=list)
+    on_finish: list[Callable[[Request], None]] = field(default_factory=list)
+
+
+class _Output:
+    """Per-request text state: incremental detokenisation and stop strings."""
+
+    def __init__(self, req: Request, tokenizer: TokenizerLike | None) -> None:
+        self.req = req
+        self.detok = IncrementalDetokenizer(tokenizer, req.prompt_ids) if tokenizer else None
+        self.sent = 0  # characters of detok.text already streamed
+        self.final_sent = False  # the finished delta went out
+
+    def delta(self, new_ids: list[int]) -> str:
+        if self.detok is None:
+            return ""
+        self.detok.push(new_ids)
+        if self.req.finished:
+            self.detok.flush()
+        text, stops = self.detok.text, self.req.params.stop
+        end = len(text)
+        if stops:
+            cut = find_stop(text, stops, self.sent)
+            if cut is not None:
+                end = cut
+                if not self.req.finished or self.req.finish_reason is not FinishReason.STOP:
+                    self.req.finish(FinishReason.STOP)
+            elif not self.req.finished:
+                end -= self.detok.holdback(stops)
+        out = text[self.sent : max(end, self.sent)]
+        self.sent = max(end, self.sent)
+        return out
+
+
+class Engine:
+    def __init__(
+        self,
+        executor: TowerExecutor,
+        limits: ModelLimits,
+        *,
+        mask_token_id: int = 3,
+        eos_token_ids: tuple[int, ...] = (),
+        tokenizer: TokenizerLike | None = None,
+        max_num_seqs: int = 32,
+        max_prefills_per_step: int = 16,
+        hooks: EngineHooks | None = None,
+    ) -> None:
+        self.ex = executor
+        self.limits = limits
+        self.mask_id = mask_token_id
+        self.eos_ids = tuple(eos_token_ids)
+        self.tokenizer = tokenizer
+        self.scheduler = Scheduler(max_num_seqs, max_prefills_per_step)
+        self.hooks = hooks or EngineHooks()
+        self.lanes: dict[str, Lane] = {}
+        self.outputs: dict[str, _Output] = {}
+        self._ids = itertools.count()
+        self._lock = threading.RLock()  # step() vs add/abort from other threads
+
+    # ---- requests --------------------------------------------------------------------------------
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> Request:
+        """Validate and queue a request; raises ValueError naming the bad field."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: text prompts need a tokenizer; pass token ids")
+            prompt_ids = self.tokenizer.encode(prompt)
+        else:
+            prompt_ids = list(prompt)
+            if any(not isinstance(t, int) or not 0 <= t < self.limits.vocab_size for t in prompt_ids):
+                raise ValueError(f"prompt: token ids must be integers in [0, {self.limits.vocab_size})")
+        params.validate(self.limits, len(prompt_ids))
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        req = Request(rid, prompt_ids, params, seed, self.eos_ids)
+        req.usage.prompt_tokens = len(prompt_ids)
+        with self._lock:
+            self.scheduler.add(req)
+            self.outputs[rid] = _Output(req, self.tokenizer)
+        return req
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request; its slot and state are freed before this returns."""
+        with self._lock:
+            req = self.scheduler.abort(request_id)
+            if req is None:
+                return None
+            self._drop_finished()
+            return self._finalise(req)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        with self._lock:
+            t0 = time.perf_counter()
+            sched = self.scheduler.schedule({k: len(v) for k, v in self.lanes.items()})
+            events: list[Event] = []
+            for key, reqs in sched.admit.items():
+                events += self._lane(key).admit(reqs)
+            for key in sched.step:
+                events += self.lanes[key].step()
+            outs = self._deltas(events)
+            finished = self._drop_finished()
+            outs += [self._finalise(r) for r in finished if r.request_id in self.outputs]
+            stats = StepStats(time.perf_counter() - t0, sched.step, self.scheduler.num_running,
+                              sum(len(e[1]) for e in events), sum(map(len, sched.admit.values())),
+                              len(finished), self.scheduler.num_waiting)  # fmt: skip
+        for hook in self.hooks.on_step:
+            hook(stats)
+        return outs
+
+    def _lane(self, key: str) -> Lane:
+        if key not in self.lanes:
+            mode, _, size = key.partition("/S")
+            if mode == "diffusion":
+                self.lanes[key] = DiffusionLane(key, self.ex, self.mask_id, int(size))
+            elif mode == "lossless":
+                self.lanes[key] = LosslessLane(key, self.ex, self.mask_id, int(size))
+            elif mode == "ar":
+                self.lanes[key] = ARLane(key, self.ex, self.mask_id)
+            else:
+                self.lanes[key] = MockARLane(key, self.ex, self.mask_id)
+        return self.lanes[key]
+
+    def _deltas(self, events: list[Event]) -> list[RequestOutput]:
+        outs = []
+        for req, kept, logprobs in events:
+            if not kept or req.request_id not in self.outputs:
+                continue
+            out = self.outputs[req.request_id]
+            text = out.delta(kept)  # may finish the request (stop string)
+            out.final_sent = req.finished
+            outs.append(RequestOutput(req.request_id, kept, text, req.finished, req.finish_reason,
+                                      _copy(req.usage), logprobs, req.seed))  # fmt: skip
+        return outs
+
+    def _drop_finished(self) -> list[Request]:
+        gone: list[Request] = []
+        for key, lane in list(self.lanes.items()):
+            gone += lane.drop_finished()
+            if not lane.rows:
+                self.ex.close_lane(key)
+                del self.lanes[key]
+        # aborted requests may already be out of their lane's bookkeeping
+        self.scheduler.release(gone)
+        return gone
+
+    def _finalise(self, req: Request) -> RequestOutput | None:
+        out = self.outputs.pop(req.request_id, None)
+        for hook in self.hooks.on_finish:
+            hook(req)
+        if out is None or out.final_sent:
+            return None
+        text = out.delta([]) if out.detok is not None else ""
+        return RequestOutput(req.request_id, [], text, True, req.finish_reason, _copy(req.usage), None, req.seed)
+
+    # ---- convenience -----------------------------------------------------------------------------
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]) -> list[Request]:
+        """Run prompts to completion (blocking); returns the finished requests in prompt order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        reqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        while any(not r.finished for r in reqs):
+            self.step()
+        return reqs
+
+
+def _copy(u: Usage) -> Usage:
+    return Usage(u.prompt_tokens, u.completion_tokens, u.denoiser_forwards, u.context_forwards)
+
+
+class AsyncEngine:
+    """asyncio front of an Engine: `generate` yields RequestOutput deltas; cancelling the consumer
+    (or calling `abort`) frees the request's slot at once."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.queues: dict[str, asyncio.Queue] = {}
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self.dead: BaseException | None = None
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            if not self.engine.has_unfinished():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                outs = await asyncio.to_thread(self.engine.step)
+            except Exception as e:  # fail every request in flight with the error, keep serving
+                self._fail_all(e)
+                continue
+            for o in outs:
+                q = self.queues.get(o.request_id)
+                if q is not None:
+                    q.put_nowait(o)
+
+    def _fail_all(self, err: Exception) -> None:
+        for rid, q in list(self.queues.items()):
+            self.engine.abort(rid)
+            q.put_nowait(err)
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        req = self.engine.add_request(prompt, params, request_id)  # raises ValueError on bad input
+        q: asyncio.Queue = asyncio.Queue()
+        self.queues[req.request_id] = q
+        self._ensure_loop()
+        self._wake.set()
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, Exception):
+                    raise RuntimeError(f"engine failed request {req.request_id}: {item}") from item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            self.queues.pop(req.request_id, None)
+            if not req.finished or req.status is not Status.FINISHED:
+                await asyncio.to_thread(self.engine.abort, req.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        await asyncio.to_thread(self.engine.abort, request_id)
+        q = self.queues.get(request_id)
+        if q is not None:
+            q.put_nowait(RequestOutput(request_id, [], "", True, FinishReason.ABORT, Usage()))
