@@ -68,7 +68,7 @@ class Lane(abc.ABC):
             self.rows = [self.rows[i] for i in keep]
         return gone
 
-    def _keep(self, keep: list[int]) -> None:
+    def _keep(self, keep: list[int]) -> None:  # noqa: B027 (optional hook)
         """Subclasses: select per-row decoding data."""
 
 
@@ -168,7 +168,9 @@ class DiffusionLane(Lane):
         steps, gamma, temp = self._params()
         masked = self.xt == self.mask_id
         t = masked.float().mean(-1)  # per-row masked fraction
-        seeds = [mix_seed(r.seed, len(r.output_ids) * 1024 + int(s)) for r, s in zip(self.rows, self.step_idx)]
+        seeds = [
+            mix_seed(r.seed, len(r.output_ids) * 1024 + int(s)) for r, s in zip(self.rows, self.step_idx, strict=True)
+        ]
         pred, conf = self.ex.denoise(self.name, self.xt, t, self.mask_id, temp, seeds)
         commit = select_commits(masked, conf, self.step_idx, steps, gamma)
         self.xt = torch.where(commit, pred, self.xt)
