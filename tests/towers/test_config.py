@@ -46,7 +46,7 @@ def test_pattern_from_hub_string_or_transformers_list(tmp_path):
 @pytest.mark.parametrize(
     "text",
     [
-        '[0.0, Infinity]',  # hub configs: a bare JavaScript literal, not strict JSON
+        "[0.0, Infinity]",  # hub configs: a bare JavaScript literal, not strict JSON
         '[0.0, {"__float__": "Infinity"}]',  # transformers 5.x serialisation
         '[0.0, "inf"]',
     ],
