@@ -14,6 +14,7 @@ class ModelLimits:
     vocab_size: int
     max_model_len: int  # prompt + generated tokens
     max_block_size: int = 64  # sampling far past the trained block size collapses quality
+    modes: tuple[str, ...] = MODES  # an AR-only checkpoint serves only "ar"
 
 
 @dataclass
@@ -43,6 +44,8 @@ class SamplingParams:
 
         if self.mode not in MODES:
             bad("mode", f"must be one of {', '.join(MODES)}")
+        if self.mode not in limits.modes:
+            bad("mode", f"this model serves only {', '.join(limits.modes)}")
         if not is_int(self.max_tokens) or self.max_tokens <= 0:
             bad("max_tokens", "must be a positive integer")
         if self.max_tokens >= limits.max_model_len:
