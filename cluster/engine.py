@@ -147,7 +147,7 @@ class Engine:
                 events += self.lanes[key].step()
             outs = self._deltas(events)
             finished = self._drop_finished()
-            outs += [self._finalise(r) for r in finished if r.request_id in self.outputs]
+            outs += [o for o in map(self._finalise, finished) if o is not None]
             stats = StepStats(time.perf_counter() - t0, sched.step, self.scheduler.num_running,
                               sum(len(e[1]) for e in events), sum(map(len, sched.admit.values())),
                               len(finished), self.scheduler.num_waiting)  # fmt: skip

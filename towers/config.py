@@ -78,6 +78,7 @@ class NemotronHConfig:
     expand: int = 2
     use_conv_bias: bool = True
     mamba_proj_bias: bool = False
+    use_bias: bool = False  # what transformers (and the hub code) read for the Mamba in/out projections
     mamba_hidden_act: str = "silu"
     time_step_min: float = 0.001
     time_step_max: float = 0.1
@@ -132,6 +133,11 @@ class NemotronHConfig:
     def in_proj_dim(self) -> int:
         """in_proj output: z (d_inner) | xBC (conv_dim) | dt (heads)."""
         return self.d_inner + self.conv_dim + self.mamba_num_heads
+
+    @property
+    def mamba_bias(self) -> bool:
+        """Mamba in_proj / out_proj bias: configs spell it `use_bias` or `mamba_proj_bias`."""
+        return self.use_bias or self.mamba_proj_bias
 
     def layer_indices(self, kind: str) -> list[int]:
         return [i for i, k in enumerate(self.pattern) if k == kind]

@@ -32,14 +32,14 @@ class Mamba2Mixer(nn.Module):
         self.nheads, self.hdim = cfg.mamba_num_heads, cfg.mamba_head_dim
         self.ngroups, self.dstate = cfg.n_groups, cfg.ssm_state_size
         self.d_inner, self.conv_dim = cfg.d_inner, cfg.conv_dim
-        self.in_proj = nn.Linear(cfg.hidden_size, cfg.in_proj_dim, bias=cfg.mamba_proj_bias)
+        self.in_proj = nn.Linear(cfg.hidden_size, cfg.in_proj_dim, bias=cfg.mamba_bias)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.conv_kernel, groups=self.conv_dim,
                                 padding=cfg.conv_kernel - 1, bias=cfg.use_conv_bias)  # fmt: skip
         self.dt_bias = nn.Parameter(torch.zeros(self.nheads))
         self.A_log = nn.Parameter(torch.zeros(self.nheads))
         self.D = nn.Parameter(torch.ones(self.nheads))
         self.norm = GatedGroupRMSNorm(self.d_inner, self.d_inner // self.ngroups, cfg.layer_norm_epsilon)
-        self.out_proj = nn.Linear(self.d_inner, cfg.hidden_size, bias=cfg.mamba_proj_bias)
+        self.out_proj = nn.Linear(self.d_inner, cfg.hidden_size, bias=cfg.mamba_bias)
 
     @staticmethod
     def state_spec(cfg: NemotronHConfig, batch: int, dtype: torch.dtype) -> dict[str, tuple[tuple, torch.dtype]]:

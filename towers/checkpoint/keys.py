@@ -172,12 +172,12 @@ def backbone_shapes(cfg: NemotronHConfig) -> dict[str, Shape]:
         out[f"layers.{i}.norm.weight"] = (d,)
         if kind == MAMBA:
             h = cfg.mamba_num_heads
-            _linear(out, f"{p}.in_proj", cfg.in_proj_dim, d, cfg.mamba_proj_bias)
+            _linear(out, f"{p}.in_proj", cfg.in_proj_dim, d, cfg.mamba_bias)
             out[f"{p}.conv1d.weight"] = (cfg.conv_dim, 1, cfg.conv_kernel)
             if cfg.use_conv_bias:
                 out[f"{p}.conv1d.bias"] = (cfg.conv_dim,)
             out.update({f"{p}.dt_bias": (h,), f"{p}.A_log": (h,), f"{p}.D": (h,), f"{p}.norm.weight": (cfg.d_inner,)})
-            _linear(out, f"{p}.out_proj", d, cfg.d_inner, cfg.mamba_proj_bias)
+            _linear(out, f"{p}.out_proj", d, cfg.d_inner, cfg.mamba_bias)
         elif kind == ATTENTION:
             q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
             _linear(out, f"{p}.q_proj", q, d, cfg.attention_bias)
