@@ -10,7 +10,8 @@ import importlib
 import torch
 from torch import Tensor
 
-from .attention import attention, attention_ref, key_mask
+from .attention import attention as attention_sdpa
+from .attention import attention_ref, key_mask
 from .conv1d import causal_conv1d_ref, causal_conv1d_update_ref, conv_state_after
 from .moe import moe_experts, moe_experts_ref
 from .ssd import ssd_recurrence_ref, ssd_scan_ref, ssd_step_ref
@@ -83,6 +84,16 @@ def ssd_step(state, x, dt, A, B, C, D=None):
         )
         return y.float(), state
     return ssd_step_ref(state, x, dt, A, B, C, D)
+
+
+def attention(q, k, v, mask):
+    """GQA attention, layout [b, l, h, d]: see `kernels.attention`. flash-attn (which takes this layout
+    and fewer KV heads natively) when nothing is masked on CUDA in half precision, else SDPA."""
+    if mask is None and q.dtype in (torch.float16, torch.bfloat16):
+        mod = _fast(q, "flash_attn")
+        if mod is not None:
+            return mod.flash_attn_func(q, k, v, causal=False)
+    return attention_sdpa(q, k, v, mask)
 
 
 def causal_conv1d(x, weight, bias, history):

@@ -343,3 +343,57 @@ def test_real_30b_key_layout():
     assert len(plain) == per_tower and plain["backbone.layers.1.mixer.experts.0.up_proj.weight"] == (1856, 2688)
     stacked = twotower_key_layout(cfg, expert_layout="stacked")
     assert stacked["context_tower.layers.1.mixer.experts.up_proj"] == (128, 1856, 2688)
+
+
+def _spec_30b_keys() -> dict[str, tuple[int, ...]]:
+    """The TwoTower key set written out from model-spec.md sections 1.3 and 2.1, independently of the
+    loader's own shape table."""
+    pattern = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
+    keys: dict[str, tuple[int, ...]] = {}
+    for tower in ("context_tower", "denoiser_tower"):
+        keys[f"{tower}.embeddings.weight"] = (131072, 2688)
+        keys[f"{tower}.norm_f.weight"] = (2688,)
+        for i, kind in enumerate(pattern):
+            p = f"{tower}.layers.{i}"
+            keys[f"{p}.norm.weight"] = (2688,)
+            if kind == "M":
+                keys.update({f"{p}.mixer.in_proj.weight": (10304, 2688), f"{p}.mixer.conv1d.weight": (6144, 1, 4),
+                             f"{p}.mixer.conv1d.bias": (6144,), f"{p}.mixer.dt_bias": (64,), f"{p}.mixer.A_log": (64,),
+                             f"{p}.mixer.D": (64,), f"{p}.mixer.norm.weight": (4096,),
+                             f"{p}.mixer.out_proj.weight": (2688, 4096)})  # fmt: skip
+            elif kind == "*":
+                keys.update({f"{p}.mixer.q_proj.weight": (4096, 2688), f"{p}.mixer.k_proj.weight": (256, 2688),
+                             f"{p}.mixer.v_proj.weight": (256, 2688), f"{p}.mixer.o_proj.weight": (2688, 4096)})  # fmt: skip
+            else:
+                keys[f"{p}.mixer.gate.weight"] = (128, 2688)
+                keys[f"{p}.mixer.gate.e_score_correction_bias"] = (128,)
+                for k in range(128):
+                    keys[f"{p}.mixer.experts.{k}.up_proj.weight"] = (1856, 2688)
+                    keys[f"{p}.mixer.experts.{k}.down_proj.weight"] = (2688, 1856)
+                keys[f"{p}.mixer.shared_experts.up_proj.weight"] = (3712, 2688)
+                keys[f"{p}.mixer.shared_experts.down_proj.weight"] = (2688, 3712)
+    keys["context_lm_head.weight"] = (131072, 2688)
+    keys["lm_head.weight"] = (131072, 2688)
+    keys.update({"t_embedder.mlp.0.weight": (2688, 256), "t_embedder.mlp.0.bias": (2688,),
+                 "t_embedder.mlp.2.weight": (2688, 2688), "t_embedder.mlp.2.bias": (2688,),
+                 "t_block.1.weight": (8064, 2688), "t_block.1.bias": (8064,)})  # fmt: skip
+    keys.update({f"scale_shift_tables.{i}": (3, 2688) for i in range(52)})
+    return keys
+
+
+def test_real_30b_modules_write_exactly_the_spec_key_set():
+    """Both towers built on the meta device, named as the writer names them, equal the spec's key set."""
+    from twotower.towers.checkpoint.keys import TWOTOWER, checkpoint_entries
+    from twotower.towers.context import ContextTower
+    from twotower.towers.denoiser import DenoiserTower
+
+    cfg = preset("nemotron-3-nano-30b-a3b")
+    with torch.device("meta"):
+        towers = {"context": ContextTower(cfg), "denoiser": DenoiserTower(cfg)}
+    written: dict[str, tuple[int, ...]] = {}
+    for role, tower in towers.items():
+        shapes = {k: tuple(v.shape) for k, v in tower.state_dict().items()}
+        written.update({key: shape for key, _, shape in checkpoint_entries(shapes, TWOTOWER, role)})
+    spec = _spec_30b_keys()
+    assert set(written) - set(spec) == set() and set(spec) - set(written) == set()
+    assert written == spec
