@@ -1,0 +1,124 @@
+"""Decoding benchmark: AR vs mask diffusion (several gamma and block sizes) vs lossless vs mock-AR, at
+batch 1 and batched, on the in-process engine. Prints one markdown table.
+
+    python benchmarks/bench_decode.py [--model DIR | --preset tiny] [--prompts 8] [--max-tokens 64]
+
+Columns: tok/s = generated tokens / wall seconds (all requests of the row); TPF = generated tokens per
+forward (den: denoiser forwards, ctx: context forwards incl. prefill, all: both towers); AR agree =
+fraction of generated tokens equal to the AR greedy output at the same position.
+Performance targets live here, never in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from twotower.cluster.config import EngineConfig
+from twotower.cluster.engine import Engine
+from twotower.cluster.loading import LoadedModel, build_engine, load_model
+from twotower.cluster.sampling import SamplingParams
+from twotower.cluster.tokenizer import ByteTokenizer
+from twotower.towers.config import preset
+from twotower.towers.context import ContextTower
+from twotower.towers.denoiser import DenoiserTower
+from twotower.towers.init import init_random_
+
+CODE_PROMPTS = [
+    "def parse_args(",
+    "import os\nimport sys\n\n\ndef main():\n",
+    "class Config:\n    def __init__(self",
+    "    for i in range(",
+    "def read_file(path):\n    with open(path",
+    "if __name__ == '__main__':\n",
+    "    return self._",
+    "try:\n    import ",
+    "def __repr__(self):\n        return ",
+    "        raise ValueError(",
+    "@property\ndef name(self):\n",
+    "    def test_",
+]
+
+
+def random_model(name: str) -> LoadedModel:
+    cfg = preset(name).replace(vocab_size=max(preset(name).vocab_size, 260))
+    ctx = init_random_(ContextTower(cfg).eval(), 0)
+    den = init_random_(DenoiserTower(cfg).eval(), 1)
+    return LoadedModel(path=None, config=cfg, context=ctx, denoiser=den, tokenizer=ByteTokenizer(cfg.vocab_size))
+
+
+def run(engine: Engine, prompts: list[str], params: SamplingParams, batched: bool) -> tuple[float, list]:
+    """Returns (wall seconds, finished requests in prompt order)."""
+    t0 = time.perf_counter()
+    if batched:
+        reqs = engine.generate(prompts, params)
+    else:
+        reqs = [engine.generate([p], params)[0] for p in prompts]
+    return time.perf_counter() - t0, reqs
+
+
+def agreement(reqs, ar_reqs) -> float:
+    same = total = 0
+    for r, a in zip(reqs, ar_reqs, strict=True):
+        n = min(len(r.output_ids), len(a.output_ids))
+        same += sum(x == y for x, y in zip(r.output_ids[:n], a.output_ids[:n], strict=True))
+        total += n
+    return same / total if total else 0.0
+
+
+def configs(args) -> list[tuple[str, SamplingParams]]:
+    base = dict(max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
+    out = [("ar", SamplingParams(mode="ar", **base))]
+    for s in args.block_sizes:
+        out.append((f"lossless S={s}", SamplingParams(mode="lossless", block_size=s, gamma=0.8, **base)))
+    for s in args.block_sizes:
+        for g in args.gammas:
+            out.append((f"diffusion S={s} g={g}", SamplingParams(mode="diffusion", block_size=s, gamma=g,
+                                                                 steps_per_block=s, **base)))  # fmt: skip
+    out.append(("mock_ar", SamplingParams(mode="mock_ar", **base)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="checkpoint directory")
+    ap.add_argument("--preset", default="tiny", help="random-weight preset when no --model")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--gammas", type=float, nargs="+", default=[0.5, 0.8, 0.95])
+    ap.add_argument("--batch", choices=["1", "all", "both"], default="both")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ignore-eos", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model) if args.model else random_model(args.preset)
+    engine = build_engine(model, EngineConfig(max_num_seqs=64))
+    prompts = (CODE_PROMPTS * 10)[: args.prompts]
+    modes = {"1": [False], "all": [True], "both": [False, True]}[args.batch]
+    run(engine, prompts[:2], SamplingParams(mode="diffusion", max_tokens=8), True)  # warm-up
+    name = args.model or f"random {args.preset}"
+    print(f"model: {name}; {len(prompts)} prompts; max_tokens {args.max_tokens}; threads {args.threads}\n")
+    print("| config | batch | tokens | tok/s | TPF den | TPF ctx | TPF all | AR agree | x AR tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for batched in modes:
+        ar_tps = None
+        ar_reqs = None
+        for label, params in configs(args):
+            secs, reqs = run(engine, prompts, params, batched)
+            toks = sum(len(r.output_ids) for r in reqs)
+            den = sum(r.usage.denoiser_forwards for r in reqs)
+            ctx = sum(r.usage.context_forwards for r in reqs)
+            tps = toks / secs
+            if ar_reqs is None:
+                ar_reqs, ar_tps = reqs, tps
+            agree = agreement(reqs, ar_reqs)
+            tpf_den = f"{toks / den:.2f}" if den else "-"
+            print(f"| {label} | {len(prompts) if batched else 1} | {toks} | {tps:.1f} | {tpf_den} | "
+                  f"{toks / ctx:.2f} | {toks / (den + ctx):.2f} | {agree:.3f} | {tps / ar_tps:.2f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
