@@ -162,3 +162,60 @@ class ContextState:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.to_flat().values())
+
+
+# ---- deltas: what a mirror of this state needs after a write -----------------------------------------
+
+
+def export_delta(state: ContextState, since: Tensor, rows: Tensor | None = None) -> dict[str, Tensor]:
+    """The data another copy of `state` needs to catch up, for rows whose old length was `since`.
+
+    Only new data: per attention layer the K/V rows at positions [since[r], lengths[r]) of each row,
+    packed without padding as [sum of new rows, kv_heads, head_dim]; per Mamba layer the conv and SSM
+    state of the rows that changed (`rows`, default: rows with new tokens). A row whose length did not
+    change but whose Mamba state did (a rewind to zero kept tokens) is listed in `rows` explicitly.
+    """
+    n_new = state.lengths - since
+    if rows is None:
+        rows = (n_new > 0).nonzero().flatten()
+    out = {"since": since.clone(), "lengths": state.lengths.clone(), "rows": rows.to(torch.long)}
+    counts = n_new.tolist()
+    starts = since.tolist()
+    for i, s in enumerate(state.layers):
+        if isinstance(s, AttentionState):
+            k = [s.k[r, starts[r] : starts[r] + c] for r, c in enumerate(counts) if c > 0]
+            v = [s.v[r, starts[r] : starts[r] + c] for r, c in enumerate(counts) if c > 0]
+            empty = s.k.new_zeros(0, *s.k.shape[2:])
+            out[f"layers.{i}.k"] = torch.cat(k) if k else empty
+            out[f"layers.{i}.v"] = torch.cat(v) if v else empty
+        elif isinstance(s, MambaState):
+            out[f"layers.{i}.conv"] = s.conv[rows].clone()
+            out[f"layers.{i}.ssm"] = s.ssm[rows].clone()
+    return out
+
+
+def apply_delta(state: ContextState, delta: dict[str, Tensor]) -> None:
+    """Bring a mirror up to date with `export_delta`'s output (the mirror's lengths must equal `since`)."""
+    since, lengths, rows = delta["since"], delta["lengths"], delta["rows"]
+    if not torch.equal(state.lengths.to(since.device), since):
+        raise ValueError(f"apply_delta: mirror lengths {state.lengths.tolist()} != since {since.tolist()}")
+    dev = state.lengths.device
+    since, lengths, rows = since.to(dev), lengths.to(dev), rows.to(dev)
+    state.ensure_capacity(int(lengths.max().item()) if lengths.numel() else 0)
+    n_new = lengths - since
+    # position of every packed new K/V row: (row, since[row] + j) for j < n_new[row]
+    row_idx = torch.repeat_interleave(torch.arange(len(n_new), device=dev), n_new.clamp(min=0))
+    offsets = torch.cumsum(n_new.clamp(min=0), 0) - n_new.clamp(min=0)
+    pos = since[row_idx] + (torch.arange(len(row_idx), device=dev) - offsets[row_idx])
+    for i, s in enumerate(state.layers):
+        if isinstance(s, AttentionState):
+            s.k[row_idx, pos] = delta[f"layers.{i}.k"].to(dev, s.k.dtype)
+            s.v[row_idx, pos] = delta[f"layers.{i}.v"].to(dev, s.v.dtype)
+        elif isinstance(s, MambaState) and len(rows):
+            s.conv[rows] = delta[f"layers.{i}.conv"].to(dev, s.conv.dtype)
+            s.ssm[rows] = delta[f"layers.{i}.ssm"].to(dev, s.ssm.dtype)
+    state.lengths = lengths.clone()
+
+
+def delta_nbytes(delta: dict[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in delta.values())
