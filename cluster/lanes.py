@@ -155,6 +155,10 @@ class DiffusionLane(Lane):
         idx = torch.tensor(keep, dtype=torch.long)
         self.xt, self.step_idx, self.logp = self.xt[idx], self.step_idx[idx], self.logp[idx]
 
+    def _masked(self) -> Tensor:
+        """Positions still to be denoised [b, S] bool."""
+        return self.xt == self.mask_id
+
     def _params(self) -> tuple[Tensor, Tensor, Tensor]:
         steps = torch.tensor([r.params.steps_per_block for r in self.rows])
         gamma = torch.tensor([r.params.gamma for r in self.rows], dtype=torch.float32)
@@ -166,7 +170,7 @@ class DiffusionLane(Lane):
         from .unmask import select_commits
 
         steps, gamma, temp = self._params()
-        masked = self.xt == self.mask_id
+        masked = self._masked()
         t = masked.float().mean(-1)  # per-row masked fraction
         seeds = [
             mix_seed(r.seed, len(r.output_ids) * 1024 + int(s)) for r, s in zip(self.rows, self.step_idx, strict=True)
@@ -178,7 +182,7 @@ class DiffusionLane(Lane):
         self.step_idx += 1
         for r in self.rows:
             r.usage.denoiser_forwards += 1
-        return ~(self.xt == self.mask_id).any(-1)
+        return ~self._masked().any(-1)
 
     def step(self):
         done = self._denoise_step()
@@ -202,6 +206,13 @@ class DiffusionLane(Lane):
 class LosslessLane(DiffusionLane):
     """Drafts [y, MASK x (S-1)] with the denoiser, y being the context tower's known greedy next token;
     the context tower verifies the draft while reading it. Output = greedy AR of the context tower."""
+
+    def _masked(self) -> Tensor:
+        # slot 0 holds the known token, which may itself be the mask id (the AR head can emit it): it is
+        # never denoised, or the draft would replace a token that greedy AR already chose
+        masked = self.xt == self.mask_id
+        masked[:, 0] = False
+        return masked
 
     def admit(self, reqs):
         out = self.ex.add_rows(self.name, [r.prompt_ids for r in reqs], RowSampling.greedy(len(reqs)))

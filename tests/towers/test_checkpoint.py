@@ -363,7 +363,8 @@ def _spec_30b_keys() -> dict[str, tuple[int, ...]]:
                              f"{p}.mixer.out_proj.weight": (2688, 4096)})  # fmt: skip
             elif kind == "*":
                 keys.update({f"{p}.mixer.q_proj.weight": (4096, 2688), f"{p}.mixer.k_proj.weight": (256, 2688),
-                             f"{p}.mixer.v_proj.weight": (256, 2688), f"{p}.mixer.o_proj.weight": (2688, 4096)})  # fmt: skip
+                             f"{p}.mixer.v_proj.weight": (256, 2688),
+                             f"{p}.mixer.o_proj.weight": (2688, 4096)})  # fmt: skip
             else:
                 keys[f"{p}.mixer.gate.weight"] = (128, 2688)
                 keys[f"{p}.mixer.gate.e_score_correction_bias"] = (128,)
