@@ -54,6 +54,8 @@ class _Output:
         self.final_sent = False  # the finished delta went out
 
     def delta(self, new_ids: list[int]) -> str:
+        """Text delta for `new_ids` (already appended to the request). A stop string ends the request:
+        the text is cut before it, and the request's tokens after the one completing it are dropped."""
         if self.detok is None:
             return ""
         self.detok.push(new_ids)
@@ -65,13 +67,28 @@ class _Output:
             cut = find_stop(text, stops, self.sent)
             if cut is not None:
                 end = cut
-                if not self.req.finished or self.req.finish_reason is not FinishReason.STOP:
-                    self.req.finish(FinishReason.STOP)
+                stop_end = min(cut + len(st) for st in stops if text.startswith(st, cut))
+                self._trim_tokens(stop_end, len(new_ids))
+                self.req.finish(FinishReason.STOP)
             elif not self.req.finished:
                 end -= self.detok.holdback(stops)
         out = text[self.sent : max(end, self.sent)]
         self.sent = max(end, self.sent)
         return out
+
+    def _trim_tokens(self, stop_end: int, n_new: int) -> None:
+        """Keep the fewest of the last `n_new` tokens whose text reaches `stop_end` characters."""
+        req = self.req
+        base = len(req.output_ids) - n_new
+        for j in range(1, n_new + 1):
+            probe = IncrementalDetokenizer(self.detok.tokenizer, req.prompt_ids)
+            probe.push(req.output_ids[: base + j])
+            probe.flush()
+            if len(probe.text) >= stop_end:
+                del req.output_ids[base + j :]
+                del req.output_logprobs[base + j :]
+                req.usage.completion_tokens = len(req.output_ids)
+                return
 
 
 class Engine:
@@ -111,7 +128,7 @@ class Engine:
             prompt_ids = self.tokenizer.encode(prompt)
         else:
             prompt_ids = list(prompt)
-            if any(not isinstance(t, int) or not 0 <= t < self.limits.vocab_size for t in prompt_ids):
+            if any(type(t) is not int or not 0 <= t < self.limits.vocab_size for t in prompt_ids):
                 raise ValueError(f"prompt: token ids must be integers in [0, {self.limits.vocab_size})")
         params.validate(self.limits, len(prompt_ids))
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -174,7 +191,10 @@ class Engine:
             if not kept or req.request_id not in self.outputs:
                 continue
             out = self.outputs[req.request_id]
-            text = out.delta(kept)  # may finish the request (stop string)
+            n_before = len(req.output_ids) - len(kept)
+            text = out.delta(kept)  # a stop string may finish the request and drop tokens
+            kept = req.output_ids[n_before:]
+            logprobs = logprobs[: len(kept)] if logprobs is not None else None
             out.final_sent = req.finished
             outs.append(RequestOutput(req.request_id, kept, text, req.finished, req.finish_reason,
                                       _copy(req.usage), logprobs, req.seed))  # fmt: skip

@@ -489,6 +489,10 @@ def test_stop_string_cuts_the_text(tw, mode):
     assert cut == text[: text.find(stop)]
     assert stop not in cut
     assert req.finish_reason is FinishReason.STOP and deltas[-1].finish_reason is FinishReason.STOP
+    # the tokens end with the one that completes the stop string: one fewer would not contain it
+    tok = tw.engine().tokenizer
+    assert stop in tok.decode(req.output_ids) and stop not in tok.decode(req.output_ids[:-1])
+    assert req.usage.completion_tokens == len(req.output_ids) == sum(len(o.new_token_ids) for o in deltas)
 
 
 # ---- usage accounting ----------------------------------------------------------------------------------

@@ -125,7 +125,7 @@ def _engine(tokenizer=None) -> Engine:
     return Engine(_NoTowers(), LIMITS, tokenizer=tokenizer)
 
 
-@pytest.mark.parametrize("prompt", [[5, 260], [-1, 5], [5, 6.0], [5, "a"], [5, None]])
+@pytest.mark.parametrize("prompt", [[5, 260], [-1, 5], [5, 6.0], [5, "a"], [5, None], [5, True]])
 def test_add_request_bad_token_ids(prompt):
     eng = _engine()
     with pytest.raises(ValueError, match="prompt"):
