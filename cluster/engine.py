@@ -160,8 +160,11 @@ class Engine:
             events: list[Event] = []
             for key, reqs in sched.admit.items():
                 events += self._lane(key).admit(reqs)
-            for key in sched.step:
-                events += self.lanes[key].step()
+            self.ex.check()
+            # every lane's driving forward is submitted before any is waited for (pipelining)
+            launched = [(self.lanes[key], self.lanes[key].launch()) for key in sched.step]
+            for lane, pending in launched:
+                events += lane.finish(pending)
             outs = self._deltas(events)
             finished = self._drop_finished()
             outs += [o for o in map(self._finalise, finished) if o is not None]

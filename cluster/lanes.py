@@ -2,9 +2,13 @@
 stepped together. Requests join (prefill) and leave between steps; every row of a lane may be at a
 different point of its block.
 
-One `step()` is one forward of the tower that drives the mode:
-    diffusion  one denoiser forward on every row; rows whose block is complete are committed and read
-               by the context tower (one batched extension for those rows)
+A step is one forward of the tower that drives the mode, in two phases so that lanes pipeline across
+the two towers: `launch()` submits the driving forward and returns at once; `finish()` waits for it,
+applies the decoding rule and submits the follow-up work (e.g. the context tower reading completed
+blocks) without waiting. With a remote executor, lane A's context-tower work then overlaps lane B's
+denoiser forward.
+    diffusion  denoiser forward on every row; rows whose block is complete are committed and read by
+               the context tower (one batched extension for those rows)
     lossless   like diffusion, but a complete draft [known token, d1..] is verified by the context
                tower in the forward that reads it; the longest prefix agreeing with greedy AR is kept,
                plus the context tower's next token (the known token of the next draft)
@@ -19,9 +23,10 @@ import abc
 import torch
 from torch import Tensor
 
-from .executor import TowerExecutor
+from .executor import Future, TowerExecutor
 from .request import Request
 from .sampler import RowSampling, mix_seed
+from .unmask import select_commits
 
 # (request, tokens kept, their logprobs or None)
 Event = tuple[Request, list[int], list[float] | None]
@@ -42,7 +47,13 @@ def _emit(req: Request, tokens: list[int], logprobs: list[float] | None) -> Even
     return req, kept, (logprobs[: len(kept)] if (logprobs is not None and req.params.logprobs) else None)
 
 
+def _lp(out, j: int) -> list[float] | None:
+    return None if out.logprobs is None else [float(out.logprobs[j])]
+
+
 class Lane(abc.ABC):
+    uses_denoiser = True
+
     def __init__(self, name: str, executor: TowerExecutor, mask_id: int) -> None:
         self.name, self.ex, self.mask_id = name, executor, mask_id
         self.rows: list[Request] = []
@@ -55,8 +66,18 @@ class Lane(abc.ABC):
         """Prefill new requests into the lane (may already produce tokens)."""
 
     @abc.abstractmethod
+    def launch(self) -> Future:
+        """Submit this step's driving forward over every row."""
+
+    @abc.abstractmethod
+    def finish(self, pending: Future) -> list[Event]:
+        """Wait for the driving forward, apply the mode's rule, submit follow-up work."""
+
     def step(self) -> list[Event]:
-        """One forward of the mode's driving tower over every row."""
+        return self.finish(self.launch())
+
+    def _prefill(self, reqs: list[Request], prompts: list[list[int]], sampling: RowSampling | None):
+        return self.ex.add_rows(self.name, prompts, sampling, self.uses_denoiser).result()
 
     def drop_finished(self) -> list[Request]:
         """Remove finished rows (and their state) at once; returns them."""
@@ -68,35 +89,40 @@ class Lane(abc.ABC):
             self.rows = [self.rows[i] for i in keep]
         return gone
 
-    def _keep(self, keep: list[int]) -> None:  # noqa: B027 (optional hook)
+    def _keep(self, keep: list[int]) -> None:
         """Subclasses: select per-row decoding data."""
 
 
 class ARLane(Lane):
     """Context tower alone. pending[r]: the last sampled token, not yet read by the context tower."""
 
+    uses_denoiser = False
+
     def __init__(self, *a) -> None:
         super().__init__(*a)
         self.pending: list[int] = []
 
     def admit(self, reqs):
-        out = self.ex.add_rows(self.name, [r.prompt_ids for r in reqs], _row_sampling(reqs))
+        out = self._prefill(reqs, [r.prompt_ids for r in reqs], _row_sampling(reqs))
         self.rows += reqs
         events = []
         for j, r in enumerate(reqs):
             r.usage.context_forwards += 1
             tok = int(out.ids[j])
             self.pending.append(tok)
-            events.append(_emit(r, [tok], None if out.logprobs is None else [float(out.logprobs[j])]))
+            events.append(_emit(r, [tok], _lp(out, j)))
         return events
 
-    def step(self):
-        out = self.ex.decode(self.name, torch.tensor(self.pending), _row_sampling(self.rows))
+    def launch(self):
+        return self.ex.decode(self.name, torch.tensor(self.pending), _row_sampling(self.rows))
+
+    def finish(self, pending):
+        out = pending.result()
         events = []
         for j, r in enumerate(self.rows):
             r.usage.context_forwards += 1
             self.pending[j] = int(out.ids[j])
-            events.append(_emit(r, [self.pending[j]], None if out.logprobs is None else [float(out.logprobs[j])]))
+            events.append(_emit(r, [self.pending[j]], _lp(out, j)))
         return events
 
     def _keep(self, keep):
@@ -107,29 +133,33 @@ class MockARLane(ARLane):
     """The denoiser predicts the next token from the last committed one over the context tower's state
     of everything before it; the context tower then reads that last token (so it lags by one)."""
 
+    uses_denoiser = True
+
     def admit(self, reqs):
-        self.ex.add_rows(self.name, [r.prompt_ids[:-1] for r in reqs], None)
+        self._prefill(reqs, [r.prompt_ids[:-1] for r in reqs], None)
         for r in reqs:
             r.usage.context_forwards += 1 if len(r.prompt_ids) > 1 else 0
             self.pending.append(r.prompt_ids[-1])
         self.rows += reqs
         return []
 
-    def step(self):
-        last = torch.tensor(self.pending)
-        out = self.ex.mock_ar(self.name, last, _row_sampling(self.rows))
-        self.ex.decode(self.name, last, None)
+    def launch(self):
+        return self.ex.mock_ar(self.name, torch.tensor(self.pending), _row_sampling(self.rows))
+
+    def finish(self, pending):
+        out = pending.result()
+        self.ex.decode(self.name, torch.tensor(self.pending), None)  # the context tower catches up
         events = []
         for j, r in enumerate(self.rows):
             r.usage.denoiser_forwards += 1
             r.usage.context_forwards += 1
             self.pending[j] = int(out.ids[j])
-            events.append(_emit(r, [self.pending[j]], None if out.logprobs is None else [float(out.logprobs[j])]))
+            events.append(_emit(r, [self.pending[j]], _lp(out, j)))
         return events
 
 
 class DiffusionLane(Lane):
-    """Mask diffusion. xt [b, S]: each row's current block; step[r]: denoiser steps taken on it."""
+    """Mask diffusion. xt [b, S]: each row's current block; step_idx[r]: denoiser steps taken on it."""
 
     def __init__(self, name: str, executor: TowerExecutor, mask_id: int, block_size: int) -> None:
         super().__init__(name, executor, mask_id)
@@ -141,14 +171,17 @@ class DiffusionLane(Lane):
     def _new_blocks(self, n: int) -> Tensor:
         return torch.full((n, self.S), self.mask_id, dtype=torch.long)
 
-    def admit(self, reqs):
-        self.ex.add_rows(self.name, [r.prompt_ids for r in reqs], None)
-        for r in reqs:
-            r.usage.context_forwards += 1
+    def _append_rows(self, reqs: list[Request], blocks: Tensor) -> None:
         self.rows += reqs
-        self.xt = torch.cat([self.xt, self._new_blocks(len(reqs))])
+        self.xt = torch.cat([self.xt, blocks])
         self.step_idx = torch.cat([self.step_idx, torch.zeros(len(reqs), dtype=torch.long)])
         self.logp = torch.cat([self.logp, torch.zeros(len(reqs), self.S)])
+
+    def admit(self, reqs):
+        self._prefill(reqs, [r.prompt_ids for r in reqs], None)
+        for r in reqs:
+            r.usage.context_forwards += 1
+        self._append_rows(reqs, self._new_blocks(len(reqs)))
         return []
 
     def _keep(self, keep):
@@ -159,24 +192,19 @@ class DiffusionLane(Lane):
         """Positions still to be denoised [b, S] bool."""
         return self.xt == self.mask_id
 
-    def _params(self) -> tuple[Tensor, Tensor, Tensor]:
+    def launch(self):
+        temp = torch.tensor([r.params.temperature for r in self.rows], dtype=torch.float32)
+        t = self._masked().float().mean(-1)  # per-row masked fraction
+        seeds = [mix_seed(r.seed, len(r.output_ids) * 1024 + int(s))
+                 for r, s in zip(self.rows, self.step_idx, strict=True)]  # fmt: skip
+        return self.ex.denoise(self.name, self.xt, t, self.mask_id, temp, seeds)
+
+    def _unmask(self, pending: Future) -> Tensor:
+        """Commit this step's positions; returns the rows whose block is now complete [b] bool."""
+        pred, conf = pending.result()
         steps = torch.tensor([r.params.steps_per_block for r in self.rows])
         gamma = torch.tensor([r.params.gamma for r in self.rows], dtype=torch.float32)
-        temp = torch.tensor([r.params.temperature for r in self.rows], dtype=torch.float32)
-        return steps, gamma, temp
-
-    def _denoise_step(self) -> Tensor:
-        """One denoiser forward + unmasking; returns the rows whose block is now complete [b] bool."""
-        from .unmask import select_commits
-
-        steps, gamma, temp = self._params()
-        masked = self._masked()
-        t = masked.float().mean(-1)  # per-row masked fraction
-        seeds = [
-            mix_seed(r.seed, len(r.output_ids) * 1024 + int(s)) for r, s in zip(self.rows, self.step_idx, strict=True)
-        ]
-        pred, conf = self.ex.denoise(self.name, self.xt, t, self.mask_id, temp, seeds)
-        commit = select_commits(masked, conf, self.step_idx, steps, gamma)
+        commit = select_commits(self._masked(), conf, self.step_idx, steps, gamma)
         self.xt = torch.where(commit, pred, self.xt)
         self.logp = torch.where(commit, conf.clamp_min(1e-30).log(), self.logp)
         self.step_idx += 1
@@ -184,18 +212,17 @@ class DiffusionLane(Lane):
             r.usage.denoiser_forwards += 1
         return ~self._masked().any(-1)
 
-    def step(self):
-        done = self._denoise_step()
+    def finish(self, pending):
+        done = self._unmask(pending)
         if not bool(done.any()):
             return []
         events = []
         for j in done.nonzero().flatten().tolist():
-            r = self.rows[j]
-            events.append(_emit(r, self.xt[j].tolist(), self.logp[j].tolist()))
+            events.append(_emit(self.rows[j], self.xt[j].tolist(), self.logp[j].tolist()))
         # the context tower reads the completed blocks of rows that go on
         n_valid = torch.where(done & torch.tensor([not r.finished for r in self.rows]), self.S, 0)
         if bool((n_valid > 0).any()):
-            self.ex.extend(self.name, self.xt, n_valid)
+            self.ex.extend(self.name, self.xt.clone(), n_valid)
             for j in (n_valid > 0).nonzero().flatten().tolist():
                 self.rows[j].usage.context_forwards += 1
         self.xt[done] = self.mask_id
@@ -215,7 +242,7 @@ class LosslessLane(DiffusionLane):
         return masked
 
     def admit(self, reqs):
-        out = self.ex.add_rows(self.name, [r.prompt_ids for r in reqs], RowSampling.greedy(len(reqs)))
+        out = self._prefill(reqs, [r.prompt_ids for r in reqs], RowSampling.greedy(len(reqs)))
         events = []
         blocks = self._new_blocks(len(reqs))
         for j, r in enumerate(reqs):
@@ -223,19 +250,16 @@ class LosslessLane(DiffusionLane):
             y = int(out.ids[j])
             blocks[j, 0] = y
             events.append(_emit(r, [y], None))
-        self.rows += reqs
-        self.xt = torch.cat([self.xt, blocks])
-        self.step_idx = torch.cat([self.step_idx, torch.zeros(len(reqs), dtype=torch.long)])
-        self.logp = torch.cat([self.logp, torch.zeros(len(reqs), self.S)])
+        self._append_rows(reqs, blocks)
         return events
 
-    def step(self):
-        done = self._denoise_step()
+    def finish(self, pending):
+        done = self._unmask(pending)
         live = done & torch.tensor([not r.finished for r in self.rows])
         if not bool(live.any()):
             return []
         n_valid = torch.where(live, self.S, 0)
-        greedy = self.ex.verify(self.name, self.xt, n_valid)  # greedy[r, j]: AR token after position j
+        greedy = self.ex.verify(self.name, self.xt.clone(), n_valid).result()  # AR token after position j
         keep = torch.zeros(len(self.rows), dtype=torch.long)
         events = []
         for j in live.nonzero().flatten().tolist():

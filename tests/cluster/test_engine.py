@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from twotower.cluster.engine import AsyncEngine, Engine
-from twotower.cluster.executor import InProcessExecutor
+from twotower.cluster.executor import Done, InProcessExecutor
 from twotower.cluster.request import FinishReason, Request, Status
 from twotower.cluster.sampling import ModelLimits, SamplingParams
 from twotower.cluster.tokenizer import ByteTokenizer
@@ -349,14 +349,14 @@ class OracleDrafter(InProcessExecutor):
             state = self.states[lane].select([r])
             tok = int(xt[r, 0])
             for j in range(1, S):
-                tok = int(self.context.decode(torch.tensor([tok]), state)[0].argmax())
+                tok = int(self.ctx.tower.decode(torch.tensor([tok]), state)[0].argmax())
                 # like x0_predict, never the mask id (the draft is then wrong from this slot on)
                 pred[r, j] = tok if tok != mask_id else mask_id + 1
             slot = self.wrong_slot(self.drafts) if self.wrong_slot else None
             if slot is not None and 1 <= slot < S:
                 pred[r, slot] = 4 + (int(pred[r, slot]) - 4 + 1) % 256  # a different (non-mask) token
             self.drafts += 1
-        return pred, torch.ones(b, S)
+        return Done((pred, torch.ones(b, S)))
 
 
 def test_lossless_when_greedy_ar_emits_the_mask_token(tw):
