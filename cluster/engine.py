@@ -152,6 +152,27 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    def fail_all(self, error: BaseException) -> list[Request]:
+        """Finish every request in flight with FinishReason.ERROR (the towers failed) and forget the
+        lanes without touching the executor; returns the failed requests."""
+        with self._lock:
+            failed = list(self.scheduler.waiting) + list(self.scheduler.running.values())
+            self.scheduler.waiting.clear()
+            for r in failed:
+                r.finish(FinishReason.ERROR)
+            self.scheduler.release(failed)
+            for key in list(self.lanes):
+                try:
+                    self.ex.close_lane(key)
+                except Exception:  # a dead executor cannot close anything; its state is gone anyway
+                    pass
+            self.lanes.clear()
+            for r in failed:
+                self.outputs.pop(r.request_id, None)
+                for hook in self.hooks.on_finish:
+                    hook(r)
+            return failed
+
     # ---- the loop --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         with self._lock:
@@ -237,6 +258,10 @@ def _copy(u: Usage) -> Usage:
     return Usage(u.prompt_tokens, u.completion_tokens, u.denoiser_forwards, u.context_forwards)
 
 
+class EngineError(RuntimeError):
+    """The towers failed while this request was in flight."""
+
+
 class AsyncEngine:
     """asyncio front of an Engine: `generate` yields RequestOutput deltas; cancelling the consumer
     (or calling `abort`) frees the request's slot at once."""
@@ -261,17 +286,16 @@ class AsyncEngine:
             try:
                 outs = await asyncio.to_thread(self.engine.step)
             except Exception as e:  # fail every request in flight with the error, keep serving
-                self._fail_all(e)
+                self.dead = e
+                for r in self.engine.fail_all(e):
+                    q = self.queues.get(r.request_id)
+                    if q is not None:
+                        q.put_nowait(e)
                 continue
             for o in outs:
                 q = self.queues.get(o.request_id)
                 if q is not None:
                     q.put_nowait(o)
-
-    def _fail_all(self, err: Exception) -> None:
-        for rid, q in list(self.queues.items()):
-            self.engine.abort(rid)
-            q.put_nowait(err)
 
     async def generate(
         self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
@@ -285,7 +309,7 @@ class AsyncEngine:
             while True:
                 item = await q.get()
                 if isinstance(item, Exception):
-                    raise RuntimeError(f"engine failed request {req.request_id}: {item}") from item
+                    raise EngineError(f"request {req.request_id} failed: {type(item).__name__}: {item}") from item
                 yield item
                 if item.finished:
                     return
