@@ -21,7 +21,7 @@ from .executor import TowerExecutor
 from .lanes import ARLane, DiffusionLane, Event, Lane, LosslessLane, MockARLane
 from .request import FinishReason, Request, RequestOutput, Status, Usage
 from .sampling import ModelLimits, SamplingParams
-from .scheduler import Scheduler
+from .scheduler import Scheduler, parse_lane
 from .tokenizer import IncrementalDetokenizer, TokenizerLike, find_stop
 
 
@@ -102,6 +102,8 @@ class Engine:
         tokenizer: TokenizerLike | None = None,
         max_num_seqs: int = 32,
         max_prefills_per_step: int = 16,
+        micro_batches: int = 1,
+        pipeline: bool = True,
         hooks: EngineHooks | None = None,
     ) -> None:
         self.ex = executor
@@ -109,7 +111,8 @@ class Engine:
         self.mask_id = mask_token_id
         self.eos_ids = tuple(eos_token_ids)
         self.tokenizer = tokenizer
-        self.scheduler = Scheduler(max_num_seqs, max_prefills_per_step)
+        self.scheduler = Scheduler(max_num_seqs, max_prefills_per_step, micro_batches)
+        self.pipeline = pipeline  # False: each lane's work completes before the next lane starts
         self.hooks = hooks or EngineHooks()
         self.lanes: dict[str, Lane] = {}
         self.outputs: dict[str, _Output] = {}
@@ -182,10 +185,14 @@ class Engine:
             for key, reqs in sched.admit.items():
                 events += self._lane(key).admit(reqs)
             self.ex.check()
-            # every lane's driving forward is submitted before any is waited for (pipelining)
-            launched = [(self.lanes[key], self.lanes[key].launch()) for key in sched.step]
-            for lane, pending in launched:
-                events += lane.finish(pending)
+            if self.pipeline:  # every lane's driving forward is submitted before any is waited for
+                launched = [(self.lanes[key], self.lanes[key].launch()) for key in sched.step]
+                for lane, pending in launched:
+                    events += lane.finish(pending)
+            else:
+                for key in sched.step:
+                    events += self.lanes[key].step()
+                    self.ex.drain()
             outs = self._deltas(events)
             finished = self._drop_finished()
             outs += [o for o in map(self._finalise, finished) if o is not None]
@@ -198,11 +205,11 @@ class Engine:
 
     def _lane(self, key: str) -> Lane:
         if key not in self.lanes:
-            mode, _, size = key.partition("/S")
+            mode, size = parse_lane(key)
             if mode == "diffusion":
-                self.lanes[key] = DiffusionLane(key, self.ex, self.mask_id, int(size))
+                self.lanes[key] = DiffusionLane(key, self.ex, self.mask_id, size)
             elif mode == "lossless":
-                self.lanes[key] = LosslessLane(key, self.ex, self.mask_id, int(size))
+                self.lanes[key] = LosslessLane(key, self.ex, self.mask_id, size)
             elif mode == "ar":
                 self.lanes[key] = ARLane(key, self.ex, self.mask_id)
             else:

@@ -93,6 +93,9 @@ class TowerExecutor(abc.ABC):
     def check(self) -> None:
         """Raise if an operation that nobody waited for has failed (remote executors)."""
 
+    def drain(self) -> None:
+        """Wait until every submitted operation has completed (remote executors)."""
+
     def shutdown(self) -> None:
         """Release the towers."""
 

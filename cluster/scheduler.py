@@ -2,7 +2,10 @@
 
 Requests wait in FIFO order until a slot is free (at most `max_num_seqs` run at once). Running requests
 are grouped into lanes by decoding mode (and block size for the block modes): rows of one lane share
-one batched forward per step. Each engine step admits what fits, then steps every non-empty lane once.
+one batched forward per step. With `micro_batches` > 1 each group is spread over that many lanes
+(`diffusion/S16#0`, `#1`, ...; a newcomer joins the smallest), so that with two towers on two devices
+one micro-batch's context-tower work overlaps another's denoiser forward. Each engine step admits what
+fits, then steps every non-empty lane once.
 """
 
 from __future__ import annotations
@@ -14,8 +17,16 @@ from .request import FinishReason, Request, Status
 
 
 def lane_key(req: Request) -> str:
+    """The lane group of a request (before the micro-batch suffix)."""
     p = req.params
     return f"{p.mode}/S{p.block_size}" if p.mode in ("diffusion", "lossless") else p.mode
+
+
+def parse_lane(key: str) -> tuple[str, int | None]:
+    """'diffusion/S16#1' -> ('diffusion', 16); 'ar#0' -> ('ar', None)."""
+    group = key.split("#", 1)[0]
+    mode, _, size = group.partition("/S")
+    return mode, int(size) if size else None
 
 
 @dataclass
@@ -29,9 +40,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_prefills_per_step: int = 16) -> None:
+    def __init__(self, max_num_seqs: int, max_prefills_per_step: int = 16, micro_batches: int = 1) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: must be >= 1 (got {max_num_seqs})")
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches: must be >= 1 (got {micro_batches})")
+        self.micro_batches = micro_batches
         self.max_num_seqs = max_num_seqs
         self.max_prefills_per_step = max_prefills_per_step
         self.waiting: deque[Request] = deque()
@@ -59,10 +73,13 @@ class Scheduler:
 
     def schedule(self, lane_sizes: dict[str, int]) -> SchedulerOutput:
         out = SchedulerOutput()
+        sizes = dict(lane_sizes)
         admitted = 0
         while self.waiting and len(self.running) < self.max_num_seqs and admitted < self.max_prefills_per_step:
             req = self.waiting.popleft()
-            key = lane_key(req)
+            group = lane_key(req)
+            key = min((f"{group}#{i}" for i in range(self.micro_batches)), key=lambda k: sizes.get(k, 0))
+            sizes[key] = sizes.get(key, 0) + 1
             req.status = Status.RUNNING
             self.running[req.request_id] = req
             self.lane_of[req.request_id] = key

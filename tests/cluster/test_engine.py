@@ -262,6 +262,19 @@ def test_mixed_batch_equals_each_request_alone(tw, sharp):
     assert eng.scheduler.num_running == 0 and not eng.lanes and not eng.ex.states
 
 
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_micro_batches_give_the_same_tokens(tw, pipeline):
+    """Spreading each lane group over 3 micro-batch lanes changes only how rows are batched."""
+    reqs = mixed_requests(seed=5)
+    solo = solo_outputs(tw, reqs, sharp=True)
+    eng = tw.engine(sharp=True, micro_batches=3, pipeline=pipeline)
+    handles = [eng.add_request(p, sp) for p, sp in reqs]
+    eng.step()
+    assert any(key.endswith("#2") for key in eng.lanes)
+    drain(eng)
+    assert [h.output_ids for h in handles] == solo
+
+
 def test_requests_joining_mid_way_get_their_solo_tokens(tw):
     reqs = mixed_requests(seed=6)
     solo = solo_outputs(tw, reqs, sharp=True)
@@ -544,7 +557,7 @@ def test_abort_running_request_frees_it_at_once(tw):
     hs = [eng.add_request(p, sp) for p, sp in reqs]
     for _ in range(3):
         eng.step()
-    key = "diffusion/S8"
+    key = "diffusion/S8#0"
     assert len(eng.lanes[key]) == 2 and eng.ex.states[key].batch_size == 2
     assert eng.lanes[key].step_idx.tolist()[1] > 0  # inside a block
     running = eng.scheduler.num_running
@@ -555,7 +568,7 @@ def test_abort_running_request_frees_it_at_once(tw):
     assert eng.lanes[key].rows == [hs[0]] and eng.ex.states[key].batch_size == 1
     assert eng.lanes[key].xt.shape[0] == 1
     eng.abort(hs[4].request_id)
-    assert eng.lanes["lossless/S4"].rows == [hs[3]] and eng.ex.states["lossless/S4"].batch_size == 1
+    assert eng.lanes["lossless/S4#0"].rows == [hs[3]] and eng.ex.states["lossless/S4#0"].batch_size == 1
     assert eng.scheduler.num_running == running - 2
     got1, got4 = list(hs[1].output_ids), list(hs[4].output_ids)
     drain(eng)
