@@ -58,6 +58,8 @@ def build_engine(model: LoadedModel, cfg: EngineConfig, hooks: EngineHooks | Non
 
 
 def torch_threads(n: int | None) -> None:
-    """Pin intra-op threads (CPU runs: oversubscribing shared cores is 10-100x slower)."""
-    if n:
-        torch.set_num_threads(n)
+    """Pin intra-op threads. Default: half the cores (at least 1): oversubscribing cores that other
+    processes use is 10-100x slower on CPU."""
+    import os
+
+    torch.set_num_threads(n or max(1, (os.cpu_count() or 2) // 2))

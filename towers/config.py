@@ -296,11 +296,24 @@ def _small() -> NemotronHConfig:
     )  # fmt: skip
 
 
+def _bench() -> NemotronHConfig:
+    """CPU benchmark size (~20M parameters per tower): big enough that tower work outweighs overheads."""
+    return NemotronHConfig(
+        vocab_size=8192, hidden_size=384, pattern="MEM*EM*E",
+        num_attention_heads=8, num_key_value_heads=2, head_dim=48,
+        mamba_num_heads=12, mamba_head_dim=64, n_groups=2, ssm_state_size=64, conv_kernel=4, chunk_size=64,
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=768,
+        moe_shared_expert_intermediate_size=768, routed_scaling_factor=2.5, intermediate_size=1024,
+        max_position_embeddings=8192, torch_dtype="float32",
+    )  # fmt: skip
+
+
 PRESETS = {
     "nemotron-3-nano-30b-a3b": _nano_30b,
     "tiny": _tiny,
     "tiny-grouped": lambda: _tiny("ME*E").replace(n_group=2, topk_group=1),
     "small": _small,
+    "bench": _bench,
 }
 
 
