@@ -121,6 +121,7 @@ def test_killing_an_actor_fails_requests_quickly(ray_local, model_dir):
         return "", time.monotonic() - t0
 
     msg, seconds = asyncio.run(asyncio.wait_for(main(), timeout=60))
+    print(f"stream failed {seconds:.2f} s after the kill: {msg}")
     assert "died" in msg or "down" in msg, msg
     assert seconds < 30
     with pytest.raises(TowerPairError):
