@@ -125,14 +125,7 @@ class Engine:
     ) -> Request:
         """Validate and queue a request; raises ValueError naming the bad field."""
         params = params or SamplingParams()
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("prompt: text prompts need a tokenizer; pass token ids")
-            prompt_ids = self.tokenizer.encode(prompt)
-        else:
-            prompt_ids = list(prompt)
-            if any(type(t) is not int or not 0 <= t < self.limits.vocab_size for t in prompt_ids):
-                raise ValueError(f"prompt: token ids must be integers in [0, {self.limits.vocab_size})")
+        prompt_ids = self._tokens(prompt, "prompt")
         params.validate(self.limits, len(prompt_ids))
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         seed = params.seed if params.seed is not None else random.getrandbits(63)
@@ -151,6 +144,32 @@ class Engine:
                 return None
             self._drop_finished()
             return self._finalise(req)
+
+    def score(self, prompt: str | list[int], continuation: str | list[int]) -> tuple[list[int], list[float], int]:
+        """(continuation token ids, their log-probabilities under the context tower, prompt tokens).
+        Raises ValueError naming the bad field."""
+        p_ids = self._tokens(prompt, "prompt")
+        c_ids = self._tokens(continuation, "continuation")
+        if not p_ids:
+            raise ValueError("prompt: must contain at least one token")
+        if not c_ids:
+            raise ValueError("continuation: must contain at least one token")
+        if len(p_ids) + len(c_ids) > self.limits.max_model_len:
+            raise ValueError(
+                f"continuation: prompt + continuation exceed the context limit {self.limits.max_model_len}"
+            )
+        with self._lock:
+            return c_ids, self.ex.score(p_ids, c_ids).result(), len(p_ids)
+
+    def _tokens(self, x: str | list[int], name: str) -> list[int]:
+        if isinstance(x, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{name}: text needs a tokenizer; pass token ids")
+            return self.tokenizer.encode(x)
+        ids = list(x)
+        if any(type(t) is not int or not 0 <= t < self.limits.vocab_size for t in ids):
+            raise ValueError(f"{name}: token ids must be integers in [0, {self.limits.vocab_size})")
+        return ids
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()

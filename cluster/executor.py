@@ -90,6 +90,10 @@ class TowerExecutor(abc.ABC):
     def close_lane(self, lane: str) -> None:
         """Forget a lane."""
 
+    @abc.abstractmethod
+    def score(self, prompt: list[int], continuation: list[int]) -> Future[list[float]]:
+        """Context tower log-probabilities of each continuation token after the prompt (no lane)."""
+
     def check(self) -> None:
         """Raise if an operation that nobody waited for has failed (remote executors)."""
 
@@ -143,3 +147,6 @@ class InProcessExecutor(TowerExecutor):
 
     def close_lane(self, lane):
         self.ctx.close_lane(lane)
+
+    def score(self, prompt, continuation):
+        return Done(self.ctx.score(prompt, continuation))

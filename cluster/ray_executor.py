@@ -122,5 +122,9 @@ class RayExecutor(TowerExecutor):
             self._fire(self.den.close_lane.remote(lane))
             self.mirrored.discard(lane)
 
+    def score(self, prompt, continuation):
+        self._guard()
+        return RayFuture(self.ctx.score.remote(prompt, continuation), self.pair)
+
     def shutdown(self) -> None:
         self.pair.shutdown()

@@ -160,6 +160,18 @@ class ContextRunner:
         self.mirrored.pop(lane, None)
         self._verify.pop(lane, None)
 
+    @torch.no_grad()
+    def score(self, prompt: list[int], continuation: list[int]) -> list[float]:
+        """log p(continuation[j] | prompt, continuation[:j]) under the context tower, one per token."""
+        t0 = time.perf_counter()
+        ids = torch.tensor([prompt + continuation], dtype=torch.long, device=self.device)
+        state = self.tower.new_state(1, ids.shape[1])
+        hidden = self.tower(ids, state)[0, len(prompt) - 1 : -1]  # position j predicts token j + 1
+        logp = torch.log_softmax(self.tower.logits(hidden), dim=-1)
+        out = logp.gather(-1, ids[0, len(prompt) :, None])[:, 0].tolist()
+        self.times.record("score", t0)
+        return out
+
 
 class DenoiserRunner:
     def __init__(self, tower: DenoiserTower, states: MutableMapping[str, ContextState] | None = None) -> None:

@@ -86,6 +86,9 @@ class ContextTowerWorker(_Worker):
     def close_lane(self, lane):
         self.runner.close_lane(lane)
 
+    def score(self, prompt, continuation):
+        return self.runner.score(prompt, continuation)
+
     def stats(self) -> dict:
         return {"sent_bytes": self.sent_bytes, "sent_deltas": self.sent_deltas}
 

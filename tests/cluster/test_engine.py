@@ -704,3 +704,21 @@ def test_drawn_seed_is_reported_and_reproduces_the_output(tw):
     again = run(tw.engine(sharp=True), [5, 6, 7], replace(sp, seed=req.seed))
     assert again.output_ids == req.output_ids
     assert again.status is Status.FINISHED
+
+
+def test_score_is_the_context_towers_log_likelihood(tw):
+    eng = tw.engine()
+    prompt, cont = [5, 6, 7], [8, 9, 10, 11]
+    ids, logprobs, n_prompt = eng.score(prompt, cont)
+    assert ids == cont and n_prompt == 3 and len(logprobs) == 4
+    # explicit: AR logits after each prefix
+    want = []
+    for j in range(len(cont)):
+        _, last = tw.ctx.prefill(torch.tensor([prompt + cont[:j]]))
+        want.append(float(torch.log_softmax(last[0], -1)[cont[j]]))
+    assert max(abs(a - b) for a, b in zip(logprobs, want, strict=True)) < 1e-5
+    for bad, field in (([], "prompt"), ([999], "prompt")):
+        with pytest.raises(ValueError, match=field):
+            eng.score(bad, cont)
+    with pytest.raises(ValueError, match="continuation"):
+        eng.score(prompt, [])

@@ -115,7 +115,7 @@ class _NoTowers(TowerExecutor):
     def _never(self, *a, **kw):
         raise AssertionError("a tower operation ran during validation")
 
-    add_rows = keep_rows = decode = extend = verify = rewind = denoise = mock_ar = _never
+    add_rows = keep_rows = decode = extend = verify = rewind = denoise = mock_ar = score = _never
 
     def close_lane(self, lane):
         pass
