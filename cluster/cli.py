@@ -77,6 +77,80 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _connect_ray(address: str | None, dashboard_port: int):
+    """Connect to a running Ray cluster, or start a local one (with the dashboard, which serves the
+    REST API used for deploying and scaling) when none is running."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address or os.environ.get("RAY_ADDRESS"):
+        return ray.init(address=address or os.environ["RAY_ADDRESS"]), False
+    try:
+        return ray.init(address="auto"), False
+    except ConnectionError:
+        return ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port), True
+
+
+def _serve_config(a: argparse.Namespace):
+    from .serve_config import ServeConfig
+
+    cfg = ServeConfig.from_file(a.config) if a.config else ServeConfig()
+    if a.model:
+        cfg.model = a.model
+    cfg.model = str(_model_path(cfg.model).resolve())
+    return cfg
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .deploy_config import put_config, replica_counts, serve_deploy_config
+
+    try:
+        cfg = _serve_config(a)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ctx, started = _connect_ray(a.address, a.dashboard_port)
+    dashboard = "http://" + (ctx.dashboard_url or f"127.0.0.1:{a.dashboard_port}")
+    put_config(dashboard, serve_deploy_config(cfg, host=a.host))
+    print(f"deploying {cfg.app_name} (model {cfg.model}) ...", file=sys.stderr)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < a.timeout:
+        try:
+            counts = replica_counts(dashboard, cfg.app_name)
+        except RuntimeError:
+            counts = {}
+        if counts and all(n > 0 for n in counts.values()):
+            break
+        time.sleep(1)
+    else:
+        print(f"error: the app did not start within {a.timeout} s", file=sys.stderr)
+        return 1
+    print(f"serving {cfg.served_model_name}: HTTP http://{a.host}:{cfg.http_port}/v1  gRPC {a.host}:{cfg.grpc_port}  "
+          f"dashboard {dashboard}  replicas {counts}", file=sys.stderr)  # fmt: skip
+    if not started and not a.block:
+        return 0
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_scale(a: argparse.Namespace) -> int:
+    from .deploy_config import deployed_config, put_config, set_replicas
+
+    try:
+        cfg = set_replicas(deployed_config(a.dashboard, a.token), a.app, a.replicas, a.min_replicas, a.max_replicas)
+        put_config(a.dashboard, cfg, a.token)
+    except (RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{a.app}: tower-pair replicas set (replicas={a.replicas}, min={a.min_replicas}, max={a.max_replicas})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twotower", description="Two-tower block-diffusion LM serving")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -89,6 +163,25 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--quiet", action="store_true", help="print the text at the end, not streamed")
     _add_sampling_args(g)
     g.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("serve", help="serve the model (HTTP OpenAI-compatible + gRPC) on Ray Serve")
+    s.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
+    s.add_argument("--config", default=None, help="ServeConfig as YAML or JSON")
+    s.add_argument("--address", default=None, help="Ray cluster address (default: running one, else local)")
+    s.add_argument("--host", default="127.0.0.1", help="address the HTTP and gRPC proxies bind")
+    s.add_argument("--dashboard-port", type=int, default=8265)
+    s.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the app to start")
+    s.add_argument("--block", action="store_true", help="stay in the foreground on an existing cluster too")
+    s.set_defaults(fn=cmd_serve)
+
+    c = sub.add_parser("scale", help="change the number of tower pairs through the dashboard's REST API")
+    c.add_argument("--dashboard", default="http://127.0.0.1:8265")
+    c.add_argument("--app", default="twotower")
+    c.add_argument("--replicas", type=int, default=None, help="fixed number of pairs (autoscaling off)")
+    c.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound")
+    c.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound")
+    c.add_argument("--token", default=None, help="Ray auth token (clusters with token auth)")
+    c.set_defaults(fn=cmd_scale)
     a = parser.parse_args(argv)
     return a.fn(a)
 

@@ -10,6 +10,7 @@ It drives the towers only through a TowerExecutor, so the same engine runs in-pr
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import random
 import threading
@@ -301,7 +302,12 @@ class AsyncEngine:
 
     def _ensure_loop(self) -> None:
         if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+            # The loop serves every request, so it must not run in the context of the request that
+            # happened to start it: under Ray that context makes its tower calls children of that
+            # request's task, and cancelling the request would cancel them. A task copies the current
+            # context when created, so create it inside an empty one.
+            loop = asyncio.get_running_loop()
+            self._loop_task = contextvars.Context().run(loop.create_task, self._run())
 
     async def _run(self) -> None:
         while True:

@@ -9,6 +9,8 @@ for a write, which lets the context tower work on one lane while the denoiser wo
 
 from __future__ import annotations
 
+from collections import deque
+
 import ray
 
 from .executor import TowerExecutor
@@ -35,6 +37,8 @@ class RayExecutor(TowerExecutor):
         self._unwaited: list = []  # refs of writes nobody waits for; errors surface in check()
         self.delta_bytes = 0
         self.deltas = 0
+        # (bytes, seconds) per delta, drained by the metrics hook; bounded when nobody drains it
+        self.transfers: deque[tuple[int, float]] = deque(maxlen=4096)
 
     def _guard(self) -> None:
         if not self.pair.alive:
@@ -61,9 +65,10 @@ class RayExecutor(TowerExecutor):
                 raise TowerPairError(f"{self.pair.name}: a tower actor died: {e}") from e
             except ray.exceptions.RayTaskError as e:
                 raise TowerPairError(f"{self.pair.name}: a tower operation failed: {e}") from e
-            if isinstance(out, int):  # apply_delta returns the bytes it received
-                self.delta_bytes += out
+            if isinstance(out, tuple):  # apply_delta: (bytes received, transfer seconds)
+                self.delta_bytes += out[0]
                 self.deltas += 1
+                self.transfers.append(out)
 
     def drain(self) -> None:
         """Wait for every queued write (benchmarks, shutdown)."""

@@ -102,12 +102,13 @@ class DenoiserTowerWorker(_Worker):
         self.runner = DenoiserRunner(load_tower(model, "denoiser", self.device, dtype))
         self.transfers: list[tuple[int, float]] = []  # (bytes, seconds from send to receipt)
 
-    def apply_delta(self, lane, delta) -> int:
+    def apply_delta(self, lane, delta) -> tuple[int, float]:
+        """Returns (bytes received, seconds from the context actor's hand-off to receipt)."""
         received = time.perf_counter()
         sent_at = float(delta.pop("sent_at"))
         n = self.runner.apply_delta(lane, delta)
         self.transfers.append((n, received - sent_at))
-        return n
+        return n, received - sent_at
 
     def denoise(self, lane, xt, t, mask_id, temperature, seeds):
         return self.runner.denoise(lane, xt, t, mask_id, temperature, seeds)

@@ -1,0 +1,200 @@
+"""The tower-pair server: what one Serve replica runs. It owns one tower pair (two Ray actors in the
+replica's placement group, or both towers in-process when `pair.enabled` is false), an AsyncEngine
+over it, and the serving metrics. Ingresses reach it through a DeploymentHandle (handle_client.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from .api_types import GenerateDelta, GenerateRequest, InvalidRequest, ModelInfo, ScoreRequest, ScoreResult
+from .engine import AsyncEngine, Engine
+from .request import FinishReason
+from .sampling import MODES, ModelLimits, SamplingParams
+from .serve_config import ServeConfig
+
+log = logging.getLogger("twotower.server")
+
+
+def resolve_model(path: str | None) -> Path:
+    from .cli import BUNDLED_MODEL
+
+    p = Path(path) if path else BUNDLED_MODEL
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"model: no config.json in {p}")
+    return p
+
+
+class TowerPairServer:
+    def __init__(self, config: dict) -> None:
+        from twotower.towers.checkpoint.keys import TWOTOWER, detect_layout
+        from twotower.towers.checkpoint.loader import read_config, shard_map
+
+        from .tokenizer import ByteTokenizer, Tokenizer
+
+        self.cfg = ServeConfig.from_dict(config) if isinstance(config, dict) else config
+        self.path = resolve_model(self.cfg.model)
+        self.model_cfg = read_config(self.path)
+        has_denoiser = detect_layout(shard_map(self.path)) == TWOTOWER
+        tok_file = self.path / "tokenizer.json"
+        self.tokenizer = Tokenizer.from_file(tok_file) if tok_file.is_file() else ByteTokenizer(
+            self.model_cfg.vocab_size)  # fmt: skip
+        e = self.cfg.engine
+        max_len = min(e.max_model_len, self.model_cfg.max_position_embeddings)
+        self.limits = ModelLimits(self.model_cfg.vocab_size, max_len, e.max_block_size,
+                                  MODES if has_denoiser else ("ar",))  # fmt: skip
+        self.executor = self._executor(has_denoiser)
+        eos = self.model_cfg.eos_token_id
+        self.eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        self.metrics = self._metrics()
+        engine = Engine(self.executor, self.limits, eos_token_ids=self.eos_ids, tokenizer=self.tokenizer,
+                        max_num_seqs=e.max_num_seqs, max_prefills_per_step=e.max_prefills_per_step,
+                        micro_batches=self.cfg.pair.micro_batches if self.cfg.pair.enabled else 1)  # fmt: skip
+        if self.metrics is not None:
+            engine.hooks.on_step.append(self._on_step)
+            engine.hooks.on_finish.append(self.metrics.on_finish)
+        self.engine = AsyncEngine(engine)
+
+    def _executor(self, has_denoiser: bool):
+        p = self.cfg.pair
+        if p.enabled:
+            from .ray_executor import RayExecutor
+            from .tower_pair import PairConfig, TowerPair
+
+            self.pair = TowerPair(PairConfig(
+                model=str(self.path), use_gpus=p.use_gpus, transport=p.transport, dtype=p.dtype,
+                kv_capacity=self.cfg.engine.kv_capacity, worker_threads=p.worker_threads,
+                worker_cpus=p.worker_cpus, replica_cpus=p.replica_cpus,
+            ))  # fmt: skip
+            return RayExecutor(self.pair)
+        from twotower.towers.checkpoint import load_tower
+
+        from .executor import InProcessExecutor
+
+        self.pair = None
+        dev = self.cfg.engine.device
+        ctx = load_tower(self.path, "context", dev, p.dtype)
+        den = load_tower(self.path, "denoiser", dev, p.dtype) if has_denoiser else None
+        return InProcessExecutor(ctx, den, self.cfg.engine.kv_capacity)
+
+    def _metrics(self):
+        try:
+            from .metrics import ServeMetrics
+
+            return ServeMetrics(self.cfg.served_model_name)
+        except Exception as e:  # outside a Ray worker the metrics API is unavailable
+            log.warning("metrics disabled: %s", e)
+            return None
+
+    def _on_step(self, stats) -> None:
+        self.metrics.on_step(stats)
+        transfers = getattr(self.executor, "transfers", None)
+        if transfers:
+            self.metrics.on_transfers(transfers)
+            transfers.clear()
+
+    # ---- API -------------------------------------------------------------------------------------
+    def _params(self, req: GenerateRequest) -> SamplingParams:
+        merged = {**self.cfg.defaults, **req.sampling}
+        try:
+            return GenerateRequest(req.request_id, sampling=merged).params()
+        except (TypeError, ValueError) as e:
+            raise InvalidRequest(str(e)) from e
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateDelta]:
+        t0 = time.monotonic()
+        try:
+            params = self._params(req)
+            stream = self.engine.generate(req.prompt_input(), params, req.request_id)
+            out = await stream.__anext__()  # validation errors surface here, before anything streams
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from e
+        limits = [x for x in (req.deadline_s, self.cfg.request_timeout_s) if x is not None]
+        deadline = t0 + min(limits) if limits else None
+        m = self.metrics
+        if m is not None:
+            m.ttft.observe(time.monotonic() - t0, m.tags)
+        try:
+            while True:
+                last = time.monotonic()
+                yield GenerateDelta.from_output(out)
+                if out.finished:
+                    if m is not None:
+                        m.latency.observe(time.monotonic() - t0, m.tags)
+                    return
+                timeout = None if deadline is None else deadline - time.monotonic()
+                if timeout is not None and timeout <= 0:
+                    raise asyncio.TimeoutError
+                out = await asyncio.wait_for(stream.__anext__(), timeout=timeout)
+                if m is not None:
+                    m.inter_block.observe(time.monotonic() - last, m.tags)
+        except asyncio.TimeoutError:
+            await stream.aclose()  # aborts the request and frees its slot
+            u = out.usage
+            yield GenerateDelta(req.request_id, [], "", True, FinishReason.ABORT.value, u.prompt_tokens,
+                                u.completion_tokens, u.denoiser_forwards, u.context_forwards,
+                                error=f"deadline of {deadline - t0:.3g} s exceeded")  # fmt: skip
+        finally:
+            await stream.aclose()
+
+    async def score(self, req: ScoreRequest) -> ScoreResult:
+        def pick(text, ids, name):
+            if (text is None) == (ids is None):
+                raise InvalidRequest(f"{name}: give exactly one of {name} (text) and {name}_token_ids")
+            return text if text is not None else list(ids)
+
+        try:
+            prompt = pick(req.prompt, req.prompt_token_ids, "prompt")
+            cont = pick(req.continuation, req.continuation_token_ids, "continuation")
+            ids, logprobs, n_prompt = await asyncio.to_thread(self.engine.engine.score, prompt, cont)
+        except InvalidRequest:
+            raise
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from e
+        return ScoreResult(ids, logprobs, float(sum(logprobs)), n_prompt)
+
+    async def model_info(self) -> ModelInfo:
+        c = self.model_cfg
+        d = self._params(GenerateRequest("info"))
+        defaults = {k: getattr(d, k) for k in ("mode", "max_tokens", "temperature", "block_size", "steps_per_block",
+                                               "gamma", "top_k", "top_p")}  # fmt: skip
+        return ModelInfo(self.cfg.served_model_name, str(self.path), list(self.limits.modes), c.vocab_size,
+                         self.limits.max_model_len, self.limits.max_block_size, c.pattern, c.hidden_size,
+                         defaults, self.engine.engine.mask_id, list(self.eos_ids))  # fmt: skip
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+    async def health(self) -> bool:
+        if self.engine.dead is not None:
+            return False
+        if self.pair is None:
+            return True
+        try:
+            await asyncio.to_thread(self.pair.check_health, 10.0)
+            return True
+        except Exception:
+            return False
+
+    async def stats(self) -> dict:
+        """Engine occupancy (for tests and operators): requests running and waiting, live lanes."""
+        e = self.engine.engine
+        return {"running": e.scheduler.num_running, "waiting": e.scheduler.num_waiting, "lanes": len(e.lanes),
+                "streams": len(self.engine.queues)}  # fmt: skip
+
+    async def check_health(self) -> None:
+        """Serve's replica health check: raising marks the replica unhealthy and Serve replaces it."""
+        if not await self.health():
+            raise RuntimeError("tower pair unhealthy")
+
+    def __del__(self) -> None:
+        pair = getattr(self, "pair", None)
+        if pair is not None:
+            try:
+                pair.shutdown()
+            except Exception:
+                pass
