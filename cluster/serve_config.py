@@ -58,7 +58,7 @@ class PairSettings:
     transport: str = "auto"  # nccl | gloo | auto
     dtype: str | None = None
     worker_threads: int | None = 1  # torch threads per tower actor on CPU
-    replica_cpus: float = 1.0  # CPU of the replica itself (placement bundle 0)
+    replica_cpus: float = 0.5  # CPU of the replica itself (placement bundle 0); it mostly waits on the towers
     worker_cpus: float = 0.0  # CPU reserved by each tower actor
     micro_batches: int = 2  # lanes per mode group, so that the two towers pipeline
 

@@ -48,7 +48,7 @@ def test_deploy_config_is_a_valid_serve_config_and_scales():
     dc = serve_deploy_config(cfg)
     _validate(dc)
     pair = dc["applications"][0]["deployments"][0]
-    assert pair["placement_group_bundles"] == [{"CPU": 1.0}, {"GPU": 1.0}, {"GPU": 1.0}]
+    assert pair["placement_group_bundles"] == [{"CPU": 0.5}, {"GPU": 1.0}, {"GPU": 1.0}]
     assert pair["placement_group_strategy"] == "STRICT_PACK"
     assert pair["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in pair
     assert "twotower.protos.twotower_v1_pb2_grpc.add_TwoTowerServicer_to_server" in (
