@@ -103,6 +103,28 @@ def _serve_config(a: argparse.Namespace):
     return cfg
 
 
+def cmd_eval(a: argparse.Namespace) -> int:
+    from . import evaluation as ev
+    from .config import EngineConfig
+    from .loading import build_engine, load_model, torch_threads
+
+    torch_threads(a.threads)
+    path = _model_path(a.model)
+    engine = build_engine(load_model(path), EngineConfig(max_num_seqs=max(64, a.prompts)))
+    prompts = ev.heldout_prompts(a.prompts, seed=a.seed)
+    print(f"model {path}: {len(prompts)} held-out prompts, max_tokens {a.max_tokens}", file=sys.stderr)
+    rows = ev.evaluate(engine, prompts, ev.grid(a.block_sizes, a.gammas, a.max_tokens), a.speed_prompts,
+                       log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+    text = ev.table(rows)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text + "\n")
+    if a.png:
+        ev.plot(rows, a.png, f"{path.name}: {len(prompts)} held-out prompts")
+        print(f"plot: {a.png}", file=sys.stderr)
+    return 0
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     from .deploy_config import put_config, replica_counts, serve_deploy_config
 
@@ -163,6 +185,19 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--quiet", action="store_true", help="print the text at the end, not streamed")
     _add_sampling_args(g)
     g.set_defaults(fn=cmd_generate)
+
+    e = sub.add_parser("eval", help="throughput / quality trade-off on held-out Python files (table + PNG)")
+    e.add_argument("--model", default=None)
+    e.add_argument("--prompts", type=int, default=48)
+    e.add_argument("--max-tokens", type=int, default=48)
+    e.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16, 32])
+    e.add_argument("--gammas", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
+    e.add_argument("--speed-prompts", type=int, default=6, help="prompts timed at batch 1 per config")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--out", default=None, help="write the table (markdown) here")
+    e.add_argument("--png", default=None, help="write the trade-off plot here")
+    e.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("serve", help="serve the model (HTTP OpenAI-compatible + gRPC) on Ray Serve")
     s.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")

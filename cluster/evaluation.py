@@ -1,0 +1,180 @@
+"""`twotower eval`: the throughput / quality trade-off of a TwoTower checkpoint on held-out Python files.
+
+Prompts: from held-out files of the training corpus (whole files never trained on), a prompt is the text
+up to the start of a line (at most `prompt_chars` characters before it); the target is that line.
+For AR, lossless, and mask diffusion over a grid of gamma x block size, every prompt is decoded greedily
+through the in-process engine, and we report
+  tokens per forward of each tower (and of both), tokens/s at batch 1 on a subset of prompts,
+  quality (a) next-line exact match: the first generated line equals the held-out line,
+          (b) mean log-likelihood per generated token under the context tower (teacher-forced),
+          (c) agreement with AR greedy: fraction of positions where the token equals AR's,
+  and "quality retained" = next-line exact match relative to AR's (with (b) and (c) beside it).
+A PNG plots throughput multiple (tokens/s relative to AR at batch 1) against quality retained.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+from .engine import Engine
+from .sampling import SamplingParams
+
+
+@dataclass
+class Prompt:
+    text: str
+    next_line: str
+
+
+@dataclass
+class Row:
+    label: str
+    mode: str
+    block_size: int | None
+    gamma: float | None
+    tokens: int = 0
+    den_forwards: int = 0
+    ctx_forwards: int = 0
+    tok_s: float = 0.0  # batch 1
+    next_line_em: float = 0.0
+    loglik: float = 0.0  # mean log p per generated token under the context tower
+    ar_agree: float = 0.0
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def tpf_den(self) -> float:
+        return self.tokens / self.den_forwards if self.den_forwards else float("nan")
+
+    @property
+    def tpf_ctx(self) -> float:
+        return self.tokens / self.ctx_forwards if self.ctx_forwards else float("nan")
+
+    @property
+    def tpf_all(self) -> float:
+        n = self.den_forwards + self.ctx_forwards
+        return self.tokens / n if n else float("nan")
+
+
+def heldout_prompts(n: int, prompt_chars: int = 400, seed: int = 0, min_line: int = 8) -> list[Prompt]:
+    """n prompts from held-out stdlib files: text before a non-trivial line, and that line."""
+    from twotower.towers.train.corpus import Corpus
+
+    corpus = Corpus.load()
+    _, held = corpus.split()
+    rng = random.Random(seed)
+    out: list[Prompt] = []
+    files = [corpus.texts[i] for i in held]
+    rng.shuffle(files)
+    for text in files:
+        lines = text.splitlines(keepends=True)
+        cands = [j for j in range(5, len(lines)) if len(lines[j].strip()) >= min_line]
+        if not cands:
+            continue
+        j = rng.choice(cands)
+        before = "".join(lines[:j])[-prompt_chars:]
+        out.append(Prompt(before, lines[j].rstrip("\n")))
+        if len(out) == n:
+            break
+    return out
+
+
+def _first_line(text: str) -> str:
+    return text.split("\n", 1)[0]
+
+
+def grid(block_sizes: list[int], gammas: list[float], max_tokens: int) -> list[tuple[str, SamplingParams]]:
+    base = dict(max_tokens=max_tokens, ignore_eos=False, temperature=0.0)
+    out = [("AR", SamplingParams(mode="ar", **base)),
+           ("lossless S=16", SamplingParams(mode="lossless", block_size=16, gamma=0.8, **base))]  # fmt: skip
+    for s in block_sizes:
+        for g in gammas:
+            out.append((f"diffusion S={s} g={g}", SamplingParams(mode="diffusion", block_size=s, gamma=g,
+                                                                 steps_per_block=s, **base)))  # fmt: skip
+    return out
+
+
+def evaluate(engine: Engine, prompts: list[Prompt], configs: list[tuple[str, SamplingParams]],
+             speed_prompts: int = 4, log=print) -> list[Row]:  # fmt: skip
+    tok = engine.tokenizer
+    texts = [p.text for p in prompts]
+    rows: list[Row] = []
+    ar_ids: list[list[int]] | None = None
+    for label, sp in configs:
+        t0 = time.perf_counter()
+        reqs = engine.generate(texts, sp)  # batched: quality and forward counts
+        row = Row(label, sp.mode, sp.block_size if sp.mode != "ar" else None,
+                  sp.gamma if sp.mode == "diffusion" else None)  # fmt: skip
+        row.tokens = sum(len(r.output_ids) for r in reqs)
+        row.den_forwards = sum(r.usage.denoiser_forwards for r in reqs)
+        row.ctx_forwards = sum(r.usage.context_forwards for r in reqs)
+        outs = [tok.decode(r.output_ids) for r in reqs]
+        row.next_line_em = statistics.fmean(_first_line(o) == p.next_line for o, p in zip(outs, prompts, strict=True))
+        lls = []
+        for p, r in zip(prompts, reqs, strict=True):
+            if r.output_ids:
+                _, lp, _ = engine.score(tok.encode(p.text), r.output_ids)
+                lls.extend(lp)
+        row.loglik = statistics.fmean(lls) if lls else float("nan")
+        ids = [r.output_ids for r in reqs]
+        if ar_ids is None:
+            ar_ids = ids
+        same = total = 0
+        for a, b in zip(ids, ar_ids, strict=True):
+            n = min(len(a), len(b))
+            same += sum(x == y for x, y in zip(a[:n], b[:n], strict=True))
+            total += n
+        row.ar_agree = same / total if total else float("nan")
+        # batch-1 wall-clock throughput on a subset
+        t1 = time.perf_counter()
+        n_tok = sum(len(engine.generate([t], sp)[0].output_ids) for t in texts[:speed_prompts])
+        row.tok_s = n_tok / (time.perf_counter() - t1)
+        rows.append(row)
+        log(f"  {label}: {time.perf_counter() - t0:.1f} s")
+    return rows
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def table(rows: list[Row]) -> str:
+    ar = rows[0]
+    lines = ["| config | TPF den | TPF ctx | TPF all | tok/s (b=1) | x AR | next-line EM | retained | "
+             "loglik/token | AR agree |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        retained = _ratio(r.next_line_em, ar.next_line_em)
+        lines.append(f"| {r.label} | {r.tpf_den:.2f} | {r.tpf_ctx:.2f} | {r.tpf_all:.2f} | {r.tok_s:.1f} | "
+                     f"{_ratio(r.tok_s, ar.tok_s):.2f} | {r.next_line_em:.3f} | {retained:.3f} | {r.loglik:.3f} | "
+                     f"{r.ar_agree:.3f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ar = rows[0]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    sizes = sorted({r.block_size for r in rows if r.mode == "diffusion"})
+    for s in sizes:
+        pts = sorted(((_ratio(r.tok_s, ar.tok_s), _ratio(r.next_line_em, ar.next_line_em), r.gamma) for r in rows
+                      if r.mode == "diffusion" and r.block_size == s), key=lambda p: p[2])  # fmt: skip
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"diffusion S={s}")
+        for x, y, g in pts:
+            ax.annotate(f"{g}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    for r in rows:
+        if r.mode in ("ar", "lossless"):
+            ax.plot(_ratio(r.tok_s, ar.tok_s), _ratio(r.next_line_em, ar.next_line_em), "s", label=r.label)
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.axvline(1.0, color="grey", lw=0.5)
+    ax.set_xlabel("throughput multiple (tokens/s relative to AR, batch 1)")
+    ax.set_ylabel("quality retained (next-line exact match relative to AR)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
