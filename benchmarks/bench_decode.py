@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from twotower.cluster.bench_serve import PROMPTS as CODE_PROMPTS
 from twotower.cluster.config import EngineConfig
 from twotower.cluster.engine import Engine
 from twotower.cluster.loading import LoadedModel, build_engine, load_model
@@ -25,21 +26,6 @@ from twotower.towers.config import preset
 from twotower.towers.context import ContextTower
 from twotower.towers.denoiser import DenoiserTower
 from twotower.towers.init import init_random_
-
-CODE_PROMPTS = [
-    "def parse_args(",
-    "import os\nimport sys\n\n\ndef main():\n",
-    "class Config:\n    def __init__(self",
-    "    for i in range(",
-    "def read_file(path):\n    with open(path",
-    "if __name__ == '__main__':\n",
-    "    return self._",
-    "try:\n    import ",
-    "def __repr__(self):\n        return ",
-    "        raise ValueError(",
-    "@property\ndef name(self):\n",
-    "    def test_",
-]
 
 
 def random_model(name: str) -> LoadedModel:
