@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from .executor import TowerExecutor
 from .lanes import ARLane, DiffusionLane, Event, Lane, LosslessLane, MockARLane
-from .request import FinishReason, Request, RequestOutput, Status, Usage
+from .request import FinishReason, Request, RequestOutput, Usage
 from .sampling import ModelLimits, SamplingParams
 from .scheduler import Scheduler, parse_lane
 from .tokenizer import IncrementalDetokenizer, TokenizerLike, find_stop
@@ -347,7 +347,7 @@ class AsyncEngine:
                     return
         finally:
             self.queues.pop(req.request_id, None)
-            if not req.finished or req.status is not Status.FINISHED:
+            if not req.finished:
                 await asyncio.to_thread(self.engine.abort, req.request_id)
 
     async def abort(self, request_id: str) -> None:
