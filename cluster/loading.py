@@ -31,7 +31,12 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: str | None = None) -> LoadedModel:
+    """Both towers and the tokenizer. dtype None: the checkpoint's torch_dtype on GPUs, float32 on CPU
+    (bf16 matmuls are slow on CPU, and bf16 rounding makes batched and single-row forwards disagree on
+    near-ties far more often)."""
     root = Path(path)
+    if dtype is None and str(device).startswith("cpu"):
+        dtype = "float32"
     cfg = read_config(root)
     has_denoiser = detect_layout(shard_map(root)) == TWOTOWER
     ctx = load_tower(root, "context", device, dtype)
