@@ -1,14 +1,17 @@
 """`twotower eval`: the throughput / quality trade-off of a TwoTower checkpoint on held-out Python files.
 
 Prompts: from held-out files of the training corpus (whole files never trained on), a prompt is the text
-up to the start of a line (at most `prompt_chars` characters before it); the target is that line.
+up to the end of a line, without its newline (at most `prompt_chars` characters); the target is the next
+line. (Cutting after the newline would split the newline-plus-indent tokens the BPE learned.)
 For AR, lossless, and mask diffusion over a grid of gamma x block size, every prompt is decoded greedily
 through the in-process engine, and we report
   tokens per forward of each tower (and of both), tokens/s at batch 1 on a subset of prompts,
   quality (a) next-line exact match: the first generated line equals the held-out line,
           (b) mean log-likelihood per generated token under the context tower (teacher-forced),
           (c) agreement with AR greedy: fraction of positions where the token equals AR's,
-  and "quality retained" = next-line exact match relative to AR's (with (b) and (c) beside it).
+  and "quality retained" = (a') next-line prefix match (the fraction of the held-out line reproduced
+  before the first wrong character) relative to AR's; exact match is too sparse for a 5M-parameter
+  model to carry a ratio (it is reported beside it, with (b) and (c)).
 A PNG plots throughput multiple (tokens/s relative to AR at batch 1) against quality retained.
 """
 
@@ -40,6 +43,7 @@ class Row:
     ctx_forwards: int = 0
     tok_s: float = 0.0  # batch 1
     next_line_em: float = 0.0
+    next_line_prefix: float = 0.0  # fraction of the held-out line's characters reproduced before the first error
     loglik: float = 0.0  # mean log p per generated token under the context tower
     ar_agree: float = 0.0
     extras: dict = field(default_factory=dict)
@@ -74,15 +78,28 @@ def heldout_prompts(n: int, prompt_chars: int = 400, seed: int = 0, min_line: in
         if not cands:
             continue
         j = rng.choice(cands)
-        before = "".join(lines[:j])[-prompt_chars:]
+        before = "".join(lines[:j])[-prompt_chars:].removesuffix("\n")
         out.append(Prompt(before, lines[j].rstrip("\n")))
         if len(out) == n:
             break
     return out
 
 
-def _first_line(text: str) -> str:
-    return text.split("\n", 1)[0]
+def _next_line(generated: str) -> str | None:
+    """The line after the prompt's last one: generated text must start by closing that line."""
+    parts = generated.split("\n")
+    return parts[1] if len(parts) > 1 and parts[0] == "" else None
+
+
+def _prefix_frac(generated: str | None, target: str) -> float:
+    if not generated or not target:
+        return float(generated == target)
+    n = 0
+    for a, b in zip(generated, target, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n / len(target)
 
 
 def grid(block_sizes: list[int], gammas: list[float], max_tokens: int) -> list[tuple[str, SamplingParams]]:
@@ -111,7 +128,11 @@ def evaluate(engine: Engine, prompts: list[Prompt], configs: list[tuple[str, Sam
         row.den_forwards = sum(r.usage.denoiser_forwards for r in reqs)
         row.ctx_forwards = sum(r.usage.context_forwards for r in reqs)
         outs = [tok.decode(r.output_ids) for r in reqs]
-        row.next_line_em = statistics.fmean(_first_line(o) == p.next_line for o, p in zip(outs, prompts, strict=True))
+        lines = [_next_line(o) for o in outs]
+        row.next_line_em = statistics.fmean(g == p.next_line for g, p in zip(lines, prompts, strict=True))
+        row.next_line_prefix = statistics.fmean(
+            _prefix_frac(g, p.next_line) for g, p in zip(lines, prompts, strict=True)
+        )
         lls = []
         for p, r in zip(prompts, reqs, strict=True):
             if r.output_ids:
@@ -142,12 +163,13 @@ def _ratio(a: float, b: float) -> float:
 
 def table(rows: list[Row]) -> str:
     ar = rows[0]
-    lines = ["| config | TPF den | TPF ctx | TPF all | tok/s (b=1) | x AR | next-line EM | retained | "
-             "loglik/token | AR agree |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| config | TPF den | TPF ctx | TPF all | tok/s (b=1) | x AR | next-line EM | next-line prefix | "
+             "retained | loglik/token | AR agree |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        retained = _ratio(r.next_line_em, ar.next_line_em)
+        retained = _ratio(r.next_line_prefix, ar.next_line_prefix)
         lines.append(f"| {r.label} | {r.tpf_den:.2f} | {r.tpf_ctx:.2f} | {r.tpf_all:.2f} | {r.tok_s:.1f} | "
-                     f"{_ratio(r.tok_s, ar.tok_s):.2f} | {r.next_line_em:.3f} | {retained:.3f} | {r.loglik:.3f} | "
+                     f"{_ratio(r.tok_s, ar.tok_s):.2f} | {r.next_line_em:.3f} | "
+                     f"{r.next_line_prefix:.3f} | {retained:.3f} | {r.loglik:.3f} | "
                      f"{r.ar_agree:.3f} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -162,18 +184,18 @@ def plot(rows: list[Row], path: str, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 5))
     sizes = sorted({r.block_size for r in rows if r.mode == "diffusion"})
     for s in sizes:
-        pts = sorted(((_ratio(r.tok_s, ar.tok_s), _ratio(r.next_line_em, ar.next_line_em), r.gamma) for r in rows
-                      if r.mode == "diffusion" and r.block_size == s), key=lambda p: p[2])  # fmt: skip
+        pts = sorted(((_ratio(r.tok_s, ar.tok_s), _ratio(r.next_line_prefix, ar.next_line_prefix), r.gamma)
+                      for r in rows if r.mode == "diffusion" and r.block_size == s), key=lambda p: p[2])  # fmt: skip
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"diffusion S={s}")
         for x, y, g in pts:
             ax.annotate(f"{g}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
     for r in rows:
         if r.mode in ("ar", "lossless"):
-            ax.plot(_ratio(r.tok_s, ar.tok_s), _ratio(r.next_line_em, ar.next_line_em), "s", label=r.label)
+            ax.plot(_ratio(r.tok_s, ar.tok_s), _ratio(r.next_line_prefix, ar.next_line_prefix), "s", label=r.label)
     ax.axhline(1.0, color="grey", lw=0.5)
     ax.axvline(1.0, color="grey", lw=0.5)
     ax.set_xlabel("throughput multiple (tokens/s relative to AR, batch 1)")
-    ax.set_ylabel("quality retained (next-line exact match relative to AR)")
+    ax.set_ylabel("quality retained (next-line prefix match relative to AR)")
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
