@@ -19,7 +19,7 @@ import torch
 from twotower.cluster.bench_serve import PROMPTS as CODE_PROMPTS
 from twotower.cluster.config import EngineConfig
 from twotower.cluster.engine import Engine
-from twotower.cluster.loading import LoadedModel, build_engine, load_model
+from twotower.cluster.loading import LoadedModel, ModelFiles, build_engine, load_model
 from twotower.cluster.sampling import SamplingParams
 from twotower.cluster.tokenizer import ByteTokenizer
 from twotower.towers.config import preset
@@ -32,7 +32,8 @@ def random_model(name: str) -> LoadedModel:
     cfg = preset(name).replace(vocab_size=max(preset(name).vocab_size, 260))
     ctx = init_random_(ContextTower(cfg).eval(), 0)
     den = init_random_(DenoiserTower(cfg).eval(), 1)
-    return LoadedModel(path=None, config=cfg, context=ctx, denoiser=den, tokenizer=ByteTokenizer(cfg.vocab_size))
+    files = ModelFiles(path=None, config=cfg, has_denoiser=True, tokenizer=ByteTokenizer(cfg.vocab_size))
+    return LoadedModel(files, ctx, den)
 
 
 def run(engine: Engine, prompts: list[str], params: SamplingParams, batched: bool) -> tuple[float, list]:

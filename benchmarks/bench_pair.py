@@ -104,7 +104,7 @@ def main() -> None:
         ex.drain()
         ray.get([pair.context.record_spans.remote(True), pair.denoiser.record_spans.remote(True)])
         ray.get(pair.denoiser.take_transfers.remote())
-        bytes0, deltas0 = ex.delta_bytes, ex.deltas
+        bytes0 = ex.delta_bytes
         t0 = time.perf_counter()
         reqs = eng.generate(prompts, sp)
         ex.drain()
@@ -119,7 +119,6 @@ def main() -> None:
         ms = 1000 * sum(s for _, s in transfers) / max(len(transfers), 1)
         print(f"| {label} | {toks / wall:.1f} | {blocks} | {kib:.1f} | {ms:.2f} | {length(c) / wall:.2f} | "
               f"{length(d) / wall:.2f} | {intersect(c, d) / wall:.2f} |")  # fmt: skip
-        del deltas0
     pair.shutdown()
     ray.shutdown()
 

@@ -16,50 +16,81 @@ from twotower.towers.denoiser import DenoiserTower
 
 from .config import EngineConfig
 from .engine import Engine, EngineHooks
-from .executor import InProcessExecutor
+from .executor import InProcessExecutor, TowerExecutor
 from .sampling import MODES, ModelLimits
 from .tokenizer import ByteTokenizer, Tokenizer, TokenizerLike
 
 
+def resolve_dtype(device: str, dtype: str | None) -> str | None:
+    """dtype None: the checkpoint's torch_dtype on GPUs, float32 on CPU (bf16 matmuls are slow on CPU,
+    and bf16 rounding makes batched and single-row forwards disagree on near-ties far more often)."""
+    return "float32" if dtype is None and str(device).startswith("cpu") else dtype
+
+
 @dataclass
-class LoadedModel:
+class ModelFiles:
+    """What a checkpoint directory holds, read without loading any weights."""
+
     path: Path
     config: NemotronHConfig
+    has_denoiser: bool  # False for a plain NemotronH (AR-only) checkpoint
+    tokenizer: TokenizerLike
+
+    @staticmethod
+    def inspect(path: str | Path) -> ModelFiles:
+        root = Path(path)
+        cfg = read_config(root)
+        has_denoiser = detect_layout(shard_map(root)) == TWOTOWER
+        tok = Tokenizer.from_dir(root) if (root / "tokenizer.json").is_file() else ByteTokenizer(cfg.vocab_size)
+        return ModelFiles(root, cfg, has_denoiser, tok)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        eos = self.config.eos_token_id
+        return tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+
+    def limits(self, cfg: EngineConfig) -> ModelLimits:
+        return ModelLimits(
+            vocab_size=self.config.vocab_size,
+            max_model_len=min(cfg.max_model_len, self.config.max_position_embeddings),
+            max_block_size=cfg.max_block_size,
+            modes=MODES if self.has_denoiser else ("ar",),
+        )
+
+    def engine(self, executor: TowerExecutor, cfg: EngineConfig, micro_batches: int = 1,
+               hooks: EngineHooks | None = None) -> Engine:  # fmt: skip
+        return Engine(executor, self.limits(cfg), eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer,
+                      max_num_seqs=cfg.max_num_seqs, max_prefills_per_step=cfg.max_prefills_per_step,
+                      micro_batches=micro_batches, hooks=hooks)  # fmt: skip
+
+
+@dataclass
+class LoadedModel:
+    files: ModelFiles
     context: ContextTower
     denoiser: DenoiserTower | None  # None for a plain NemotronH (AR-only) checkpoint
-    tokenizer: TokenizerLike
+
+    @property
+    def config(self) -> NemotronHConfig:
+        return self.files.config
+
+    @property
+    def tokenizer(self) -> TokenizerLike:
+        return self.files.tokenizer
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: str | None = None) -> LoadedModel:
-    """Both towers and the tokenizer. dtype None: the checkpoint's torch_dtype on GPUs, float32 on CPU
-    (bf16 matmuls are slow on CPU, and bf16 rounding makes batched and single-row forwards disagree on
-    near-ties far more often)."""
-    root = Path(path)
-    if dtype is None and str(device).startswith("cpu"):
-        dtype = "float32"
-    cfg = read_config(root)
-    has_denoiser = detect_layout(shard_map(root)) == TWOTOWER
-    ctx = load_tower(root, "context", device, dtype)
-    den = load_tower(root, "denoiser", device, dtype) if has_denoiser else None
-    tok: TokenizerLike = (
-        Tokenizer.from_dir(root) if (root / "tokenizer.json").is_file() else ByteTokenizer(cfg.vocab_size)
-    )
-    return LoadedModel(root, cfg, ctx, den, tok)
+    """Both towers (see resolve_dtype for the default dtype) and the tokenizer."""
+    files = ModelFiles.inspect(path)
+    dtype = resolve_dtype(device, dtype)
+    ctx = load_tower(files.path, "context", device, dtype)
+    den = load_tower(files.path, "denoiser", device, dtype) if files.has_denoiser else None
+    return LoadedModel(files, ctx, den)
 
 
 def build_engine(model: LoadedModel, cfg: EngineConfig, hooks: EngineHooks | None = None) -> Engine:
-    limits = ModelLimits(
-        vocab_size=model.config.vocab_size,
-        max_model_len=min(cfg.max_model_len, model.config.max_position_embeddings),
-        max_block_size=cfg.max_block_size,
-        modes=MODES if model.denoiser is not None else ("ar",),
-    )
-    eos = model.config.eos_token_id
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     executor = InProcessExecutor(model.context, model.denoiser, kv_capacity=cfg.kv_capacity)
-    return Engine(executor, limits, eos_token_ids=eos_ids, tokenizer=model.tokenizer,
-                  max_num_seqs=cfg.max_num_seqs, max_prefills_per_step=cfg.max_prefills_per_step,
-                  hooks=hooks)  # fmt: skip
+    return model.files.engine(executor, cfg, hooks=hooks)
 
 
 def torch_threads(n: int | None) -> None:

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from .api_types import GenerateDelta, GenerateRequest, InvalidRequest, ModelInfo, ScoreRequest, ScoreResult
-from .engine import AsyncEngine, Engine
+from .engine import AsyncEngine
 from .request import FinishReason
-from .sampling import MODES, ModelLimits, SamplingParams
+from .sampling import SamplingParams
 from .serve_config import ServeConfig
 
 log = logging.getLogger("twotower.server")
@@ -31,35 +31,23 @@ def resolve_model(path: str | None) -> Path:
 
 class TowerPairServer:
     def __init__(self, config: dict) -> None:
-        from twotower.towers.checkpoint.keys import TWOTOWER, detect_layout
-        from twotower.towers.checkpoint.loader import read_config, shard_map
-
-        from .tokenizer import ByteTokenizer, Tokenizer
+        from .loading import ModelFiles
 
         self.cfg = ServeConfig.from_dict(config) if isinstance(config, dict) else config
-        self.path = resolve_model(self.cfg.model)
-        self.model_cfg = read_config(self.path)
-        has_denoiser = detect_layout(shard_map(self.path)) == TWOTOWER
-        tok_file = self.path / "tokenizer.json"
-        self.tokenizer = Tokenizer.from_file(tok_file) if tok_file.is_file() else ByteTokenizer(
-            self.model_cfg.vocab_size)  # fmt: skip
-        e = self.cfg.engine
-        max_len = min(e.max_model_len, self.model_cfg.max_position_embeddings)
-        self.limits = ModelLimits(self.model_cfg.vocab_size, max_len, e.max_block_size,
-                                  MODES if has_denoiser else ("ar",))  # fmt: skip
-        self.executor = self._executor(has_denoiser)
-        eos = self.model_cfg.eos_token_id
-        self.eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        self.files = ModelFiles.inspect(resolve_model(self.cfg.model))
+        self.path, self.model_cfg, self.tokenizer = self.files.path, self.files.config, self.files.tokenizer
+        self.limits = self.files.limits(self.cfg.engine)
+        self.eos_ids = self.files.eos_token_ids
+        self.executor = self._executor()
         self.metrics = self._metrics()
-        engine = Engine(self.executor, self.limits, eos_token_ids=self.eos_ids, tokenizer=self.tokenizer,
-                        max_num_seqs=e.max_num_seqs, max_prefills_per_step=e.max_prefills_per_step,
-                        micro_batches=self.cfg.pair.micro_batches if self.cfg.pair.enabled else 1)  # fmt: skip
+        micro = self.cfg.pair.micro_batches if self.cfg.pair.enabled else 1
+        engine = self.files.engine(self.executor, self.cfg.engine, micro_batches=micro)
         if self.metrics is not None:
             engine.hooks.on_step.append(self._on_step)
             engine.hooks.on_finish.append(self.metrics.on_finish)
         self.engine = AsyncEngine(engine)
 
-    def _executor(self, has_denoiser: bool):
+    def _executor(self):
         p = self.cfg.pair
         if p.enabled:
             from .ray_executor import RayExecutor
@@ -71,15 +59,12 @@ class TowerPairServer:
                 worker_cpus=p.worker_cpus, replica_cpus=p.replica_cpus,
             ))  # fmt: skip
             return RayExecutor(self.pair)
-        from twotower.towers.checkpoint import load_tower
-
         from .executor import InProcessExecutor
+        from .loading import load_model
 
         self.pair = None
-        dev = self.cfg.engine.device
-        ctx = load_tower(self.path, "context", dev, p.dtype)
-        den = load_tower(self.path, "denoiser", dev, p.dtype) if has_denoiser else None
-        return InProcessExecutor(ctx, den, self.cfg.engine.kv_capacity)
+        m = load_model(self.path, self.cfg.engine.device, p.dtype)
+        return InProcessExecutor(m.context, m.denoiser, self.cfg.engine.kv_capacity)
 
     def _metrics(self):
         try:

@@ -11,6 +11,7 @@ import torch
 
 from twotower.towers.checkpoint import load_tower
 
+from .loading import resolve_dtype
 from .runners import ContextRunner, DenoiserRunner
 
 
@@ -53,7 +54,8 @@ class ContextTowerWorker(_Worker):
                  threads: int | None = None) -> None:  # fmt: skip
         _threads(threads)
         self.device = _device(device)
-        self.runner = ContextRunner(load_tower(model, "context", self.device, dtype), kv_capacity)
+        self.runner = ContextRunner(load_tower(model, "context", self.device, resolve_dtype(self.device, dtype)),
+                                    kv_capacity)  # fmt: skip
         self.sent_bytes = 0
         self.sent_deltas = 0
         self.last_delta_end = 0.0
@@ -99,7 +101,7 @@ class DenoiserTowerWorker(_Worker):
     def __init__(self, model: str, device: str = "auto", dtype: str | None = None, threads: int | None = None) -> None:
         _threads(threads)
         self.device = _device(device)
-        self.runner = DenoiserRunner(load_tower(model, "denoiser", self.device, dtype))
+        self.runner = DenoiserRunner(load_tower(model, "denoiser", self.device, resolve_dtype(self.device, dtype)))
         self.transfers: list[tuple[int, float]] = []  # (bytes, seconds from send to receipt)
 
     def apply_delta(self, lane, delta) -> tuple[int, float]:
