@@ -25,6 +25,8 @@ from twotower.towers.train.denoiser import (
     denoiser_from_context,
     denoiser_loss,
     greedy_continuations,
+    mock_ar_forward,
+    mock_ar_kl,
 )
 
 TOL = 1e-5
@@ -66,13 +68,48 @@ def test_one_pass_gradients_flow_and_context_frozen(towers):
     layout = BlockLayout(4, 4, 2)
     ids = torch.randint(4, 256, (2, layout.length), generator=torch.Generator().manual_seed(0))
     den.zero_grad()
-    loss, count = denoiser_loss(den, ctx, ids, layout, torch.Generator().manual_seed(1))
+    parts = denoiser_loss(den, ctx, ids, layout, torch.Generator().manual_seed(1), mock_ar_weight=0.5)
+    loss, count = parts.total, parts.count
     loss.backward()
-    assert count > 0 and torch.isfinite(loss)
+    assert count > 0 and torch.isfinite(loss) and parts.mock_ar > 0
+    _close(loss.detach(), parts.diffusion.detach() + 0.5 * parts.mock_ar.detach())
     assert all(p.grad is None for p in ctx.parameters())
     assert den.t_block[1].weight.grad is not None and den.t_block[1].weight.grad.abs().sum() > 0
     assert all(den.model.layers[i].mixer.in_proj.weight.grad is not None for i in (0, 3))  # Mamba layers
     den.zero_grad()
+
+
+@pytest.mark.parametrize("prefix,block,nblocks", [(5, 4, 3), (1, 8, 2), (16, 16, 2)])
+def test_mock_ar_forward_equals_mock_ar_step(towers, prefix, block, nblocks):
+    """The mock-AR term trains what the engine's mock-AR serves: at each block start s_j, the unmodulated
+    one-pass forward == `mock_ar_step(ids[s_j])` over the context of ids[:s_j]; and its target is the
+    context tower's next-token distribution after reading ids[:s_j + 1]."""
+    ctx, den = towers
+    layout = BlockLayout(prefix, block, nblocks)
+    ids = torch.randint(4, 256, (3, layout.length), generator=torch.Generator().manual_seed(prefix + block))
+    with torch.no_grad():
+        feats = context_features(ctx, ids, layout, teacher=True)
+        got = mock_ar_forward(den, ids, feats, layout)
+        assert got.shape == (3, nblocks, ctx.cfg.vocab_size)
+        for j, s in enumerate(layout.starts()):
+            state, _ = ctx.prefill(ids[:, :s])
+            _close(got[:, j], den.mock_ar_step(ids[:, s], state))
+            _, logits = ctx.prefill(ids[:, : s + 1])
+            _close(feats.teacher[:, j], torch.log_softmax(logits, -1))
+
+
+def test_mock_ar_term_is_zero_at_init(towers):
+    """The denoiser copied from the context tower IS the context tower in mock-AR (no modulation): KL 0.
+    A trained (here: random) denoiser is not."""
+    ctx, den = towers
+    layout = BlockLayout(3, 4, 3)
+    ids = torch.randint(4, 256, (2, layout.length), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        feats = context_features(ctx, ids, layout, teacher=True)
+        assert abs(float(mock_ar_kl(denoiser_from_context(ctx).eval(), ids, feats, layout))) < 1e-5
+        assert float(mock_ar_kl(den, ids, feats, layout)) > 1e-3  # 100x the bound above
+    with pytest.raises(ValueError, match="teacher"):
+        mock_ar_kl(den, ids, context_features(ctx, ids, layout), layout)
 
 
 def test_attention_mask_layout():
@@ -80,6 +117,8 @@ def test_attention_mask_layout():
     assert m.shape == (6, 11)
     assert m[0, :2].all() and not m[0, 2:5].any() and m[0, 5:8].all() and not m[0, 8:].any()
     assert m[5, :5].all() and not m[5, 5:8].any() and m[5, 8:].all()
+    m1 = block_attention_mask(BlockLayout(2, 3, 2), per_block=1)  # mock-AR: each block's first token
+    assert m1.tolist() == [[True, True] + [False] * 3 + [True, False], [True] * 5 + [False, True]]
 
 
 def test_denoiser_init_is_the_context_tower(towers):

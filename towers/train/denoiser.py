@@ -27,6 +27,14 @@ token of every block gets a gradient; the frozen tower's features are computed o
 Distillation (decoding.md §4.3): a fraction of the batches are [corpus prefix | the context tower's own
 greedy continuation]; the denoiser then learns the AR tower's mode, which raises its confidence and so
 tokens per denoiser forward at a given gamma. Real-text batches keep it sane on arbitrary prompts.
+
+Mock-AR term: the same checkpoint also serves mock-AR, where the denoiser runs WITHOUT time conditioning
+on one clean token at position p (context = tokens < p) and its output is read as the distribution of
+token p + 1 (`DenoiserTower.mock_ar_step`). Diffusion training alone lets the shared backbone drift away
+from that reading (the unmodulated tower then babbles). So at every block start s_j the unmodulated
+denoiser reads x[s_j] over exactly block j's context features, and its next-token distribution is pulled
+to the frozen context tower's (KL(context || denoiser)); it costs one token per block and no extra
+context pass (`mock_ar_forward`, tested equal to `mock_ar_step`).
 """
 
 from __future__ import annotations
@@ -104,32 +112,41 @@ class BlockLayout:
 class ContextFeatures:
     kv: dict[int, tuple[Tensor, Tensor]]  # attention layer -> (k, v) [b, L, hkv, d] at every position
     mamba: dict[int, MambaState]  # Mamba layer -> state at every block start, rows (r, j) -> [b*n, ...]
+    # log-probs [b, n, vocab] float32 of the context tower at each block start s_j (its distribution of
+    # token s_j + 1 after reading tokens <= s_j): the mock-AR term's target; None unless asked for
+    teacher: Tensor | None = None
 
     def repeat(self, times: int) -> ContextFeatures:
         """Rows repeated `times` over the batch (complementary masking reuses one context pass)."""
         kv = {i: (k.repeat(times, 1, 1, 1), v.repeat(times, 1, 1, 1)) for i, (k, v) in self.kv.items()}
         mamba = {i: MambaState(s.conv.repeat(times, 1, 1), s.ssm.repeat(times, 1, 1, 1)) for i, s in self.mamba.items()}
-        return ContextFeatures(kv, mamba)
+        teacher = None if self.teacher is None else self.teacher.repeat(times, 1, 1)
+        return ContextFeatures(kv, mamba, teacher)
 
 
 @torch.no_grad()
-def context_features(ctx: ContextTower, ids: Tensor, layout: BlockLayout) -> ContextFeatures:
+def context_features(ctx: ContextTower, ids: Tensor, layout: BlockLayout, teacher: bool = False) -> ContextFeatures:
     """The frozen context tower over the clean window ids [b, L], read the way the engine reads it: the
     prefix, then one block extension at a time (its inference path; the Mamba states at each block start
-    are snapshots between extensions). Cheaper than tracing every intermediate state of one long scan."""
+    are snapshots between extensions). Cheaper than tracing every intermediate state of one long scan.
+    With `teacher`, also the context tower's next-token log-probs at every block start."""
     if ids.shape[1] != layout.length:
         raise ValueError(f"ids: expected length {layout.length}, got {ids.shape[1]}")
     b, n = ids.shape[0], layout.nblocks
     state = ctx.new_state(b, ids.shape[1])
     mamba_layers = [i for i, k in enumerate(ctx.cfg.pattern) if k == MAMBA]
     snaps: dict[int, list[MambaState]] = {i: [] for i in mamba_layers}
+    first: list[Tensor] = []  # hidden state at each block start
     ctx(ids[:, : layout.prefix], state)
     for j, s in enumerate(layout.starts()):
         for i in mamba_layers:
             st = state.layers[i]
             snaps[i].append(MambaState(st.conv.clone(), st.ssm.clone()))
         if j + 1 < n:  # the last block's own tokens are never context
-            ctx(ids[:, s : s + layout.block], state)
+            first.append(ctx(ids[:, s : s + layout.block], state)[:, 0])
+        elif teacher:  # ... but its first token's next-token distribution is a mock-AR target
+            first.append(ctx(ids[:, s : s + 1], state)[:, 0])
+    log_probs = torch.log_softmax(ctx.logits(torch.stack(first, 1)), -1) if teacher else None
     kv = {}
     for i, kind in enumerate(ctx.cfg.pattern):
         if kind == ATTENTION:
@@ -140,14 +157,16 @@ def context_features(ctx: ContextTower, ids: Tensor, layout: BlockLayout) -> Con
         conv = torch.stack([m.conv for m in snaps[i]], 1)
         ssm = torch.stack([m.ssm for m in snaps[i]], 1)
         mamba[i] = MambaState(conv.reshape(b * n, *conv.shape[2:]), ssm.reshape(b * n, *ssm.shape[2:]))
-    return ContextFeatures(kv, mamba)
+    return ContextFeatures(kv, mamba, log_probs)
 
 
-def block_attention_mask(layout: BlockLayout, device=None) -> Tensor:
-    """[n*S, Lc + n*S] bool over [context keys || block keys], Lc = L - S (no block sees the context
-    tower's keys of the last block): block j's queries see context keys < s_j and the keys of block j."""
+def block_attention_mask(layout: BlockLayout, device=None, per_block: int | None = None) -> Tensor:
+    """[n*m, Lc + n*m] bool over [context keys || block keys], Lc = L - S (no block sees the context
+    tower's keys of the last block): block j's queries see context keys < s_j and the keys of block j.
+    m = per_block tokens of each block are read (S for diffusion; 1 for mock-AR, the block's first token)."""
     S, n, L = layout.block, layout.nblocks, layout.length - layout.block
-    blk = torch.arange(n * S, device=device) // S  # block of each query
+    m = S if per_block is None else per_block
+    blk = torch.arange(n * m, device=device) // m  # block of each query
     starts = layout.prefix + blk * S
     ctx_ok = torch.arange(L, device=device)[None, :] < starts[:, None]
     own = blk[:, None] == blk[None, :]
@@ -155,29 +174,39 @@ def block_attention_mask(layout: BlockLayout, device=None) -> Tensor:
 
 
 # ---- the one-pass denoiser forward ------------------------------------------------------------------------
-def denoiser_forward(den: DenoiserTower, xt: Tensor, t: Tensor, feats: ContextFeatures, layout: BlockLayout) -> Tensor:
+def denoiser_forward(
+    den: DenoiserTower, xt: Tensor, t: Tensor | None, feats: ContextFeatures, layout: BlockLayout
+) -> Tensor:
     """xt [b, n*S] noisy blocks, t [b, n] masked fraction of each block -> x0 logits [b, n*S, vocab] float32.
 
-    Same maths as `DenoiserTower.denoise` on each block, in one pass (see the module docstring)."""
+    Same maths as `DenoiserTower.denoise` on each block, in one pass (see the module docstring).
+    t = None runs the tower unmodulated (mock-AR; see `mock_ar_forward`), xt may then hold m < S tokens
+    per block: [b, n*m], the first m tokens of each block."""
     b, N = xt.shape
     S, n = layout.block, layout.nblocks
-    if N != n * S or t.shape != (b, n):
-        raise ValueError(f"xt {tuple(xt.shape)} / t {tuple(t.shape)} do not match {n} blocks of {S}")
+    m = N // n
+    if N != n * m or (t is None and m > S) or (t is not None and (m != S or t.shape != (b, n))):
+        got = "None" if t is None else tuple(t.shape)
+        raise ValueError(f"xt {tuple(xt.shape)} / t {got} do not match {n} blocks of {S}")
     d = den.cfg.hidden_size
-    temb = den.time_embedding(t.reshape(-1)).view(b, n, 3, d)
-    mask = block_attention_mask(layout, xt.device)
+    temb = None if t is None else den.time_embedding(t.reshape(-1)).view(b, n, 3, d)
+    mask = block_attention_mask(layout, xt.device, per_block=m)
     h = den.model.embeddings(xt)
     for i, block in enumerate(den.model.layers):
-        sst = (den.scale_shift_tables[i][None, None] + temb)[:, :, None]  # [b, n, 1, 3, d]
-        sst = sst.expand(b, n, S, 3, d).reshape(b, N, 3, d)
-        shift, scale, gate = sst[:, :, 0], sst[:, :, 1], sst[:, :, 2]
         kind = block.kind
-        if kind in (MAMBA, ATTENTION):
-            u = block.norm(h * (1 + scale) + shift)
+        if temb is None:  # unmodulated: the plain NemotronH layer
+            u = block.norm(h)
+            gate = 1.0
         else:
-            u = block.norm(h) * (1 + scale) + shift
+            sst = (den.scale_shift_tables[i][None, None] + temb)[:, :, None]  # [b, n, 1, 3, d]
+            sst = sst.expand(b, n, S, 3, d).reshape(b, N, 3, d)
+            shift, scale, gate = sst[:, :, 0], sst[:, :, 1], sst[:, :, 2]
+            if kind in (MAMBA, ATTENTION):
+                u = block.norm(h * (1 + scale) + shift)
+            else:
+                u = block.norm(h) * (1 + scale) + shift
         if kind == MAMBA:
-            y, _ = block.mixer(u.reshape(b * n, S, d), feats.mamba[i])
+            y, _ = block.mixer(u.reshape(b * n, m, d), feats.mamba[i])
             y = y.reshape(b, N, d)
         elif kind == ATTENTION:
             att = block.mixer
@@ -193,6 +222,23 @@ def denoiser_forward(den: DenoiserTower, xt: Tensor, t: Tensor, feats: ContextFe
             y = block.mixer(u)
         h = h + gate * y
     return den.lm_head(den.model.norm_f(h)).float()
+
+
+def mock_ar_forward(den: DenoiserTower, window: Tensor, feats: ContextFeatures, layout: BlockLayout) -> Tensor:
+    """Mock-AR at every block start of the clean window [b, L]: the unmodulated denoiser reads token s_j
+    over block j's context (tokens < s_j) -> next-token logits [b, n, vocab] float32, i.e. what
+    `DenoiserTower.mock_ar_step` returns for that token."""
+    first = window[:, layout.prefix :: layout.block][:, : layout.nblocks]  # [b, n] tokens at s_j
+    return denoiser_forward(den, first, None, feats, layout)
+
+
+def mock_ar_kl(den: DenoiserTower, window: Tensor, feats: ContextFeatures, layout: BlockLayout) -> Tensor:
+    """Mean KL(context tower || unmodulated denoiser) of the next-token distributions at the block starts."""
+    if feats.teacher is None:
+        raise ValueError("feats: the mock-AR term needs context_features(..., teacher=True)")
+    logq = torch.log_softmax(mock_ar_forward(den, window, feats, layout), -1)
+    p = feats.teacher
+    return (p.exp() * (p - logq)).sum(-1).mean()
 
 
 # ---- corruption and loss ------------------------------------------------------------------------------
@@ -216,6 +262,14 @@ def masked_nll(logits: Tensor, x: Tensor, masked: Tensor, mask_id: int = MASK_ID
     return F.cross_entropy(lg, x[masked], reduction="sum"), int(masked.sum())
 
 
+@dataclass
+class DenoiserLoss:
+    total: Tensor  # diffusion + mock_ar_weight * mock_ar, what is minimised
+    diffusion: Tensor  # mean masked NLL
+    mock_ar: Tensor | None  # mean KL at block starts, None when its weight is 0
+    count: int  # masked tokens
+
+
 def denoiser_loss(
     den: DenoiserTower,
     ctx: ContextTower,
@@ -224,9 +278,12 @@ def denoiser_loss(
     gen: torch.Generator,
     complementary: bool = True,
     t_min: float = 0.02,
-) -> tuple[Tensor, int]:
-    """Mean masked NLL over a batch of clean windows [b, P + n*S] (loss only on the n blocks)."""
-    feats = context_features(ctx, window, layout)
+    mock_ar_weight: float = 0.0,
+) -> DenoiserLoss:
+    """Mean masked NLL over a batch of clean windows [b, P + n*S] (loss only on the n blocks), plus the
+    weighted mock-AR term."""
+    feats = context_features(ctx, window, layout, teacher=mock_ar_weight > 0)
+    mock = mock_ar_kl(den, window, feats, layout) if mock_ar_weight > 0 else None
     x = window[:, layout.prefix :]
     masked, _ = corrupt(x, layout.block, gen, t_min)
     if complementary:
@@ -238,7 +295,9 @@ def denoiser_loss(
     xt = torch.where(masked, torch.full_like(x, MASK_ID), x)
     logits = denoiser_forward(den, xt, t, feats, layout)
     nll, count = masked_nll(logits, x, masked)
-    return nll / max(count, 1), count
+    diffusion = nll / max(count, 1)
+    total = diffusion if mock is None else diffusion + mock_ar_weight * mock
+    return DenoiserLoss(total, diffusion, mock, count)
 
 
 # ---- distillation data ----------------------------------------------------------------------------------
@@ -283,6 +342,7 @@ class DenoiserConfig:
     distill_count: int = 4096
     distill_prefix: int = 48
     distill_blocks: int = 8
+    mock_ar_weight: float = 1.0  # weight of the mock-AR KL term (0 = diffusion only)
     steps: int | None = None
     minutes: float = 45.0
     eval_every: int = 200
@@ -319,6 +379,31 @@ def eval_denoiser(den: DenoiserTower, ctx: ContextTower, stream: Tensor, cfg: De
         tot, cnt = tot + float(nll), cnt + c
     den.train(was)
     return tot / max(cnt, 1)
+
+
+@torch.no_grad()
+def eval_mock_ar(den: DenoiserTower, ctx: ContextTower, stream: Tensor, cfg: DenoiserConfig) -> dict[str, float]:
+    """Held-out mock-AR at every block start of the eval windows: KL(context || denoiser) and the NLL of the
+    true next token under each (the context tower's is the bar mock-AR is held to)."""
+    was = den.training
+    den.eval()
+    layout = BlockLayout(cfg.block, cfg.block, cfg.nblocks)
+    n = stream.numel() // layout.length
+    wins = stream[: n * layout.length].view(n, layout.length)[: cfg.eval_windows]
+    kl = nll_den = nll_ctx = 0.0
+    cnt = 0
+    for i in range(0, wins.shape[0], 8):
+        w = wins[i : i + 8]
+        feats = context_features(ctx, w, layout, teacher=True)
+        logq = torch.log_softmax(mock_ar_forward(den, w, feats, layout), -1)
+        nxt = w[:, layout.prefix + 1 :: layout.block][:, : layout.nblocks, None]  # token s_j + 1
+        p = feats.teacher
+        kl += float((p.exp() * (p - logq)).sum(-1).sum())
+        nll_den -= float(logq.gather(-1, nxt).sum())
+        nll_ctx -= float(p.gather(-1, nxt).sum())
+        cnt += nxt.numel()
+    den.train(was)
+    return {"kl": kl / cnt, "nll_denoiser": nll_den / cnt, "nll_context": nll_ctx / cnt}
 
 
 def train_denoiser(
@@ -366,7 +451,7 @@ def train_denoiser(
                         total=total, elapsed=time.perf_counter() - t_start, history=history, distill=distill,
                         tokens=tokens)  # fmt: skip
 
-    ema = {"real": None, "distill": None}
+    ema = {"real": None, "distill": None, "mock_ar": None}
     while total is None or step < total:
         t0 = time.perf_counter()
         lr = wsd_lr(step, total or 10**9, cfg.optim)
@@ -378,7 +463,8 @@ def train_denoiser(
         else:
             layout = _real_layout(cfg, gen)
             window, kind = random_windows(train, cfg.batch, layout.length, gen), "real"
-        loss, count = denoiser_loss(den, ctx, window, layout, gen, cfg.complementary, cfg.t_min)
+        parts = denoiser_loss(den, ctx, window, layout, gen, cfg.complementary, cfg.t_min, cfg.mock_ar_weight)
+        loss = parts.total
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(den.parameters(), cfg.optim.grad_clip))
@@ -389,7 +475,10 @@ def train_denoiser(
         lv = float(loss.detach())
         if not math.isfinite(lv):
             raise FloatingPointError(f"[den] loss is {lv} at step {step}")
-        ema[kind] = lv if ema[kind] is None else 0.95 * ema[kind] + 0.05 * lv
+        for key, val in ((kind, float(parts.diffusion.detach())),
+                         ("mock_ar", None if parts.mock_ar is None else float(parts.mock_ar.detach()))):  # fmt: skip
+            if val is not None:
+                ema[key] = val if ema[key] is None else 0.95 * ema[key] + 0.05 * val
         dt = time.perf_counter() - t0
         if total is None:
             calib_t.append(dt)
@@ -407,14 +496,19 @@ def train_denoiser(
                 total = new
                 bar.total = total
         bar.update(1)
-        bar.set_postfix(real=f"{ema['real'] or 0:.3f}", dist=f"{ema['distill'] or 0:.3f}", refresh=False)
+        bar.set_postfix(real=f"{ema['real'] or 0:.3f}", dist=f"{ema['distill'] or 0:.3f}",
+                        mock=f"{ema['mock_ar'] or 0:.3f}", refresh=False)  # fmt: skip
         if step % cfg.eval_every == 0 or step == total:
             ev = eval_denoiser(den, ctx, heldout, cfg)
+            mk = eval_mock_ar(den, ctx, heldout, cfg)
             el = time.perf_counter() - t_start
             history.append({"step": step, "train_real": ema["real"], "train_distill": ema["distill"],
-                            "heldout_masked_nll": ev, "minutes": el / 60})  # fmt: skip
+                            "train_mock_ar_kl": ema["mock_ar"], "heldout_masked_nll": ev,
+                            "heldout_mock_ar": mk, "minutes": el / 60})  # fmt: skip
             log(f"[den] step {step}/{total} train real {ema['real'] or 0:.4f} distill {ema['distill'] or 0:.4f} "
-                f"heldout masked-NLL {ev:.4f} lr {lr:.2e} gnorm {gnorm:.2f} {el / 60:.1f} min")  # fmt: skip
+                f"mock-AR KL {ema['mock_ar'] or 0:.4f} | heldout masked-NLL {ev:.4f} mock-AR KL {mk['kl']:.4f} "
+                f"NLL {mk['nll_denoiser']:.4f} (context {mk['nll_context']:.4f}) | lr {lr:.2e} gnorm {gnorm:.2f} "
+                f"{el / 60:.1f} min")  # fmt: skip
         if time.perf_counter() - last_ckpt > cfg.ckpt_every_s:
             checkpoint()
             last_ckpt = time.perf_counter()
@@ -422,5 +516,6 @@ def train_denoiser(
     balancer.remove()
     checkpoint()
     final = history[-1]["heldout_masked_nll"] if history else eval_denoiser(den, ctx, heldout, cfg)
+    mock = history[-1]["heldout_mock_ar"] if history else eval_mock_ar(den, ctx, heldout, cfg)
     return {"steps": step, "block_tokens": tokens, "minutes": (time.perf_counter() - t_start) / 60,
-            "heldout_masked_nll": final, "history": history}  # fmt: skip
+            "heldout_masked_nll": final, "heldout_mock_ar": mock, "history": history}  # fmt: skip

@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--distill-fraction", type=float, default=0.5)
     p.add_argument("--distill-count", type=int, default=4096)
     p.add_argument("--no-complementary", action="store_true")
+    p.add_argument("--mock-ar-weight", type=float, default=1.0, help="weight of the denoiser's mock-AR KL term")
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--max-files", type=int, default=None, help="smoke runs: use only the first N files")
     return p.parse_args(argv)
@@ -128,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     den = denoiser_from_context(ctx, seed=a.seed)
     dc = DenoiserConfig(block=a.block, nblocks=a.seq_len // a.block, batch=a.batch_denoiser,
                         complementary=not a.no_complementary, distill_fraction=a.distill_fraction,
-                        distill_count=a.distill_count, steps=a.steps_denoiser, minutes=a.minutes_denoiser,
+                        distill_count=a.distill_count, mock_ar_weight=a.mock_ar_weight,
+                        steps=a.steps_denoiser, minutes=a.minutes_denoiser,
                         eval_every=a.eval_every, seed=a.seed,
                         optim=OptimConfig(lr=a.lr_denoiser, warmup_steps=50))  # fmt: skip
     den_sum = train_denoiser(den, ctx, train, heldout, run_dir, dc, log)
@@ -164,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         gen, fw = diffusion_generate(ctx16, den16, pr, 48, a.block, 0.8)
         report["sample_diffusion"] = tok.decode(gen[0].tolist())
         report["sample_diffusion_tpf"] = gen.numel() / max(fw, 1)
+        from .evaluate import mock_ar_generate
+
+        report["sample_mock_ar"] = tok.decode(mock_ar_generate(ctx16, den16, pr, 48)[0].tolist())
         log(f"checks: {json.dumps({k: v for k, v in report.items() if not k.startswith('sample')})}")
     except Exception as e:  # the checkpoint is written; a failed check must not lose it
         log(f"post-training checks failed: {type(e).__name__}: {e}")
@@ -184,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                             "complementary": dc.complementary, "t_min": dc.t_min,
                             "distill_fraction": dc.distill_fraction, "distill_count": dc.distill_count,
                             "distill_prefix": dc.distill_prefix, "distill_blocks": dc.distill_blocks,
-                            "lr": dc.optim.lr},
+                            "mock_ar_weight": dc.mock_ar_weight, "lr": dc.optim.lr},
         "wall": wall, "checks": report, "ar_history": ar_sum["history"], "denoiser_history": den_sum["history"],
     }  # fmt: skip
     (run_dir / "summary.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -252,7 +257,9 @@ def model_card(i: dict, cfg) -> str:
         f"{'on' if i['denoiser_config']['complementary'] else 'off'}, "
         f"{i['denoiser_config']['distill_fraction']:.0%} of steps on the AR tower's greedy continuations "
         f"({i['denoiser_config']['distill_count']} x {i['denoiser_config']['distill_prefix']}-token corpus prefix + "
-        f"{i['denoiser_config']['distill_blocks']} blocks); {den['steps']} steps, {den['block_tokens']:,} block "
+        f"{i['denoiser_config']['distill_blocks']} blocks), plus {i['denoiser_config']['mock_ar_weight']} x the "
+        "mock-AR term (KL from the context tower's next-token distribution to the unmodulated denoiser's at "
+        f"every block start); {den['steps']} steps, {den['block_tokens']:,} block "
         f"tokens, lr {i['denoiser_config']['lr']}; {den['minutes']:.1f} min.",
         f"- Wall time: {i['wall']['total_min']:.1f} min in all.",
         "",
@@ -263,6 +270,10 @@ def model_card(i: dict, cfg) -> str:
         f"- Denoiser masked NLL {_fmt(den['heldout_masked_nll'])} (fixed noise draw); bf16 "
         f"{_fmt(ck.get('heldout_masked_nll_bf16', 'n/a'))}.",
     ]
+    mk = den.get("heldout_mock_ar")
+    if mk:
+        lines.append(f"- Mock-AR at block starts: next-token NLL {mk['nll_denoiser']:.4f} (context tower on the same "
+                     f"tokens {mk['nll_context']:.4f}), KL(context || mock-AR) {mk['kl']:.4f}.")  # fmt: skip
     dec = ck.get("decoding")
     if dec:
         lines += [
@@ -276,18 +287,26 @@ def model_card(i: dict, cfg) -> str:
         for g, r in dec["by_gamma"].items():
             lines.append(f"| {g} | {r['tokens_per_denoiser_forward']:.2f} | {r['ar_token_match']:.2f} | "
                          f"{r['ar_first_divergence_mean']:.1f} |")  # fmt: skip
+        if "mock_ar" in dec:
+            r = dec["mock_ar"]
+            lines.append(f"| mock-AR | 1.00 | {r['ar_token_match']:.2f} | {r['ar_first_divergence_mean']:.1f} |")
     if "sample_ar" in ck:
         lines += ["", "Samples for the prompt `def parse_args(` (48 tokens, greedy):", "", "AR:", "", "```",
                   "def parse_args(" + ck["sample_ar"], "```", "",
                   f"Diffusion, gamma 0.8 ({ck['sample_diffusion_tpf']:.2f} tokens / denoiser forward):", "", "```",
                   "def parse_args(" + ck["sample_diffusion"], "```"]  # fmt: skip
+    if "sample_mock_ar" in ck:
+        lines += ["", "Mock-AR:", "", "```", "def parse_args(" + ck["sample_mock_ar"], "```"]
     lines += ["", "## Loss curves", "", "| AR step | train | held out | min |", "|---|---|---|---|"]
     for h in i["ar_history"]:
         lines.append(f"| {h['step']} | {h['train_loss']:.3f} | {h['heldout_loss']:.3f} | {h['minutes']:.1f} |")
-    lines += ["", "| denoiser step | train real | train distill | held-out masked NLL | min |", "|---|---|---|---|---|"]
+    lines += ["", "| denoiser step | train real | train distill | train mock-AR KL | held-out masked NLL | "
+              "held-out mock-AR KL | min |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for h in i["denoiser_history"]:
+        mk = h.get("heldout_mock_ar") or {}
         lines.append(f"| {h['step']} | {_fmt(h['train_real'], 3)} | {_fmt(h['train_distill'], 3)} | "
-                     f"{h['heldout_masked_nll']:.3f} | {h['minutes']:.1f} |")  # fmt: skip
+                     f"{_fmt(h.get('train_mock_ar_kl'), 3)} | {h['heldout_masked_nll']:.3f} | "
+                     f"{_fmt(mk.get('kl'), 3)} | {h['minutes']:.1f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -183,7 +183,7 @@ def train_micro(
         set_lr(opt, wsd_lr(step, den_steps, oc))
         n = rng.randint(min_digits, max_digits)
         window = make_batch(tok, rng, batch, n, block, blocks)
-        loss, _ = denoiser_loss(den, ctx, window, BlockLayout(n + 3, block, blocks), gen)
+        loss = denoiser_loss(den, ctx, window, BlockLayout(n + 3, block, blocks), gen).total
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(den.parameters(), oc.grad_clip)
