@@ -105,7 +105,8 @@ def _prefix_frac(generated: str | None, target: str) -> float:
 def grid(block_sizes: list[int], gammas: list[float], max_tokens: int) -> list[tuple[str, SamplingParams]]:
     base = dict(max_tokens=max_tokens, ignore_eos=False, temperature=0.0)
     out = [("AR", SamplingParams(mode="ar", **base)),
-           ("lossless S=16", SamplingParams(mode="lossless", block_size=16, gamma=0.8, **base))]  # fmt: skip
+           ("lossless S=16", SamplingParams(mode="lossless", block_size=16, gamma=0.8, **base)),
+           ("mock-AR", SamplingParams(mode="mock_ar", **base))]  # fmt: skip
     for s in block_sizes:
         for g in gammas:
             out.append((f"diffusion S={s} g={g}", SamplingParams(mode="diffusion", block_size=s, gamma=g,
@@ -122,7 +123,7 @@ def evaluate(engine: Engine, prompts: list[Prompt], configs: list[tuple[str, Sam
     for label, sp in configs:
         t0 = time.perf_counter()
         reqs = engine.generate(texts, sp)  # batched: quality and forward counts
-        row = Row(label, sp.mode, sp.block_size if sp.mode != "ar" else None,
+        row = Row(label, sp.mode, sp.block_size if sp.mode in ("diffusion", "lossless") else None,
                   sp.gamma if sp.mode == "diffusion" else None)  # fmt: skip
         row.tokens = sum(len(r.output_ids) for r in reqs)
         row.den_forwards = sum(r.usage.denoiser_forwards for r in reqs)
@@ -190,7 +191,7 @@ def plot(rows: list[Row], path: str, title: str) -> None:
         for x, y, g in pts:
             ax.annotate(f"{g}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
     for r in rows:
-        if r.mode in ("ar", "lossless"):
+        if r.mode in ("ar", "lossless", "mock_ar"):
             ax.plot(_ratio(r.tok_s, ar.tok_s), _ratio(r.next_line_prefix, ar.next_line_prefix), "s", label=r.label)
     ax.axhline(1.0, color="grey", lw=0.5)
     ax.axvline(1.0, color="grey", lw=0.5)
