@@ -13,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from twotower.cluster import grpc_convert as conv
 from twotower.cluster import grpc_ingress as gi
 from twotower.cluster.api_types import (
     SAMPLING_FIELDS,
@@ -256,10 +257,10 @@ def test_every_sampling_field_round_trips():
               "stop_token_ids": [1, 2], "stop": ["\n"], "ignore_eos": False, "block_size": 4, "steps_per_block": 3,
               "gamma": 0.25, "logprobs": False}  # fmt: skip
     assert set(values) == set(SAMPLING_FIELDS)
-    msg = gi.sampling_to_proto(values)
-    assert gi.sampling_from_proto(msg) == values  # explicit zeros / False survive as "set"
-    SamplingParams(**gi.sampling_from_proto(msg)).validate(ModelLimits(vocab_size=100, max_model_len=64))
-    assert gi.sampling_from_proto(pb2.SamplingParams()) == {}
+    msg = conv.sampling_to_proto(values)
+    assert conv.sampling_from_proto(msg) == values  # explicit zeros / False survive as "set"
+    SamplingParams(**conv.sampling_from_proto(msg)).validate(ModelLimits(vocab_size=100, max_model_len=64))
+    assert conv.sampling_from_proto(pb2.SamplingParams()) == {}
 
 
 class ServeLikeContext:
@@ -280,7 +281,7 @@ def test_serve_style_context_gets_the_code_and_an_exception():
         return [c async for c in gi.GrpcIngress(FakeServer()).Generate(req, ctx)]
 
     ctx = ServeLikeContext()
-    with pytest.raises(gi.GrpcStatus) as ei:
+    with pytest.raises(conv.GrpcStatus) as ei:
         asyncio.run(drain(pb2.GenerateRequest(prompt_text="hi", sampling=pb2.SamplingParams(gamma=2.0))))
     assert ctx.code == ei.value.code == grpc.StatusCode.INVALID_ARGUMENT
     again = pickle.loads(pickle.dumps(ei.value))  # Serve pickles it on the way to the proxy
@@ -317,11 +318,11 @@ def test_status_for_exceptions_from_ray():
 
     S = grpc.StatusCode
     wrapped = RayTaskError(InvalidRequest("prompt: too long"))
-    assert gi.status_for_exception(wrapped) == (S.INVALID_ARGUMENT, "prompt: too long")
-    assert gi.status_for_exception(ActorDiedError("gone"))[0] == S.UNAVAILABLE
-    assert gi.status_for_exception(BackPressureError("full"))[0] == S.RESOURCE_EXHAUSTED
-    assert gi.status_for_exception(TimeoutError())[0] == S.DEADLINE_EXCEEDED
-    assert gi.status_for_exception(KeyError("x")) == (S.INTERNAL, "server error: KeyError: 'x'")
+    assert conv.status_for_exception(wrapped) == (S.INVALID_ARGUMENT, "prompt: too long")
+    assert conv.status_for_exception(ActorDiedError("gone"))[0] == S.UNAVAILABLE
+    assert conv.status_for_exception(BackPressureError("full"))[0] == S.RESOURCE_EXHAUSTED
+    assert conv.status_for_exception(TimeoutError())[0] == S.DEADLINE_EXCEEDED
+    assert conv.status_for_exception(KeyError("x")) == (S.INTERNAL, "server error: KeyError: 'x'")
     assert gi.grpc_servicer_functions() == [
         "twotower.protos.twotower_v1_pb2_grpc.add_TwoTowerServicer_to_server",
         "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",

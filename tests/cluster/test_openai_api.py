@@ -16,7 +16,8 @@ from fastapi.testclient import TestClient
 from starlette.requests import ClientDisconnect
 
 from twotower.cluster.api_types import SAMPLING_FIELDS, GenerateDelta, GenerateRequest, InvalidRequest, ModelInfo
-from twotower.cluster.openai_api import KNOWN_FIELDS, build_openai_app
+from twotower.cluster.openai_api import build_openai_app
+from twotower.cluster.openai_protocol import KNOWN_FIELDS
 from twotower.cluster.sampling import MODES
 
 NAME = "twotower-test"
