@@ -106,6 +106,8 @@ def grid(block_sizes: list[int], gammas: list[float], max_tokens: int) -> list[t
     base = dict(max_tokens=max_tokens, ignore_eos=False, temperature=0.0)
     out = [("AR", SamplingParams(mode="ar", **base)),
            ("lossless S=16", SamplingParams(mode="lossless", block_size=16, gamma=0.8, **base)),
+           # a draft from one denoiser forward: shorter accepted prefixes, far fewer forwards
+           ("lossless S=16 T=1", SamplingParams(mode="lossless", block_size=16, steps_per_block=1, **base)),
            ("mock-AR", SamplingParams(mode="mock_ar", **base))]  # fmt: skip
     for s in block_sizes:
         for g in gammas:

@@ -45,10 +45,12 @@ def test_small_grid_on_the_bundled_model(tmp_path):
     prompts = ev.heldout_prompts(3, seed=1)
     rows = ev.evaluate(engine, prompts, ev.grid([4], [0.8], 8), speed_prompts=1, log=lambda m: None)
     by = {r.label: r for r in rows}
-    assert list(by) == ["AR", "lossless S=16", "mock-AR", "diffusion S=4 g=0.8"]
-    ar, ll, mock, dif = by["AR"], by["lossless S=16"], by["mock-AR"], by["diffusion S=4 g=0.8"]
+    assert list(by) == ["AR", "lossless S=16", "lossless S=16 T=1", "mock-AR", "diffusion S=4 g=0.8"]
+    ar, mock, dif = by["AR"], by["mock-AR"], by["diffusion S=4 g=0.8"]
     assert ar.ar_agree == 1.0 and ar.den_forwards == 0 and ar.tpf_ctx == 1.0
-    assert ll.ar_agree == 1.0 and ll.next_line_prefix == ar.next_line_prefix  # float32 on CPU: exact
+    for ll in (by["lossless S=16"], by["lossless S=16 T=1"]):
+        assert ll.ar_agree == 1.0 and ll.next_line_prefix == ar.next_line_prefix  # float32 on CPU: exact
+    assert by["lossless S=16 T=1"].den_forwards < by["lossless S=16"].den_forwards
     assert mock.den_forwards == mock.tokens  # one token per denoiser forward
     assert dif.tokens > 0 and dif.tpf_den >= 1.0 and dif.block_size == 4 and dif.gamma == 0.8
     for r in rows:
