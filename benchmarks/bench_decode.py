@@ -60,6 +60,8 @@ def configs(args) -> list[tuple[str, SamplingParams]]:
     out = [("ar", SamplingParams(mode="ar", **base))]
     for s in args.block_sizes:
         out.append((f"lossless S={s}", SamplingParams(mode="lossless", block_size=s, gamma=0.8, **base)))
+        out.append((f"lossless S={s} T=1", SamplingParams(mode="lossless", block_size=s, steps_per_block=1,
+                                                          **base)))  # fmt: skip
     for s in args.block_sizes:
         for g in args.gammas:
             out.append((f"diffusion S={s} g={g}", SamplingParams(mode="diffusion", block_size=s, gamma=g,
