@@ -338,8 +338,8 @@ class DenoiserConfig:
     batch: int = 4  # windows per step (x2 rows with complementary masking)
     complementary: bool = True
     t_min: float = 0.02
-    distill_fraction: float = 0.5  # share of steps on [prefix | AR greedy continuation] windows
-    distill_count: int = 4096
+    distill_fraction: float = 0.7  # share of steps on [prefix | AR greedy continuation] windows
+    distill_count: int = 8192
     distill_prefix: int = 48
     distill_blocks: int = 8
     mock_ar_weight: float = 1.0  # weight of the mock-AR KL term (0 = diffusion only)

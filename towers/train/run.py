@@ -1,6 +1,6 @@
 """Train the bundled two-tower model end to end:
 
-    python -m twotower.towers.train.run --out models/twotower-tiny --minutes-ar 50 --minutes-denoiser 45 --seed 0
+    python -m twotower.towers.train.run --out models/twotower-tiny --minutes-ar 60 --minutes-denoiser 60 --seed 0
 
 corpus (CPython stdlib source) -> byte-level BPE (4096) -> AR context tower -> denoiser (frozen context
 tower) -> `save_twotower` (bf16, per-expert layout) + tokenizer.json + MODEL.md. Every stage is resumable:
@@ -38,8 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--run-dir", default=None, help="resumable state (default: a temp dir named after --out)")
-    p.add_argument("--minutes-ar", type=float, default=50.0)
-    p.add_argument("--minutes-denoiser", type=float, default=45.0)
+    p.add_argument("--minutes-ar", type=float, default=60.0)
+    p.add_argument("--minutes-denoiser", type=float, default=60.0)
     p.add_argument("--steps-ar", type=int, default=None, help="fixed step count (overrides --minutes-ar)")
     p.add_argument("--steps-denoiser", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -51,8 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-denoiser", type=int, default=4)
     p.add_argument("--lr-denoiser", type=float, default=1e-3)
     p.add_argument("--block", type=int, default=16)
-    p.add_argument("--distill-fraction", type=float, default=0.5)
-    p.add_argument("--distill-count", type=int, default=4096)
+    p.add_argument("--distill-fraction", type=float, default=0.7)
+    p.add_argument("--distill-count", type=int, default=8192)
     p.add_argument("--no-complementary", action="store_true")
     p.add_argument("--mock-ar-weight", type=float, default=1.0, help="weight of the denoiser's mock-AR KL term")
     p.add_argument("--eval-every", type=int, default=200)
