@@ -113,7 +113,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     engine = build_engine(load_model(path), EngineConfig(max_num_seqs=max(64, a.prompts)))
     prompts = ev.heldout_prompts(a.prompts, seed=a.seed)
     print(f"model {path}: {len(prompts)} held-out prompts, max_tokens {a.max_tokens}", file=sys.stderr)
-    rows = ev.evaluate(engine, prompts, ev.grid(a.block_sizes, a.gammas, a.max_tokens), a.speed_prompts,
+    configs = ev.grid(a.block_sizes, a.gammas, a.max_tokens, tuple(a.few_steps))
+    rows = ev.evaluate(engine, prompts, configs, a.speed_prompts,
                        log=lambda m: print(m, file=sys.stderr))  # fmt: skip
     text = ev.table(rows)
     print(text)
@@ -192,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--max-tokens", type=int, default=48)
     e.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16, 32])
     e.add_argument("--gammas", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
+    e.add_argument("--few-steps", type=int, nargs="*", default=[4, 2],
+                   help="also diffusion at gamma 0.8 with these steps per block T < S (the fixed-k end)")
     e.add_argument("--speed-prompts", type=int, default=6, help="prompts timed at batch 1 per config")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--threads", type=int, default=None)

@@ -3,7 +3,8 @@
 Prompts: from held-out files of the training corpus (whole files never trained on), a prompt is the text
 up to the end of a line, without its newline (at most `prompt_chars` characters); the target is the next
 line. (Cutting after the newline would split the newline-plus-indent tokens the BPE learned.)
-For AR, lossless, and mask diffusion over a grid of gamma x block size, every prompt is decoded greedily
+For AR, lossless, mock-AR and mask diffusion over a grid of gamma x block size (plus rows with fewer
+steps per block than tokens, `few_steps`), every prompt is decoded greedily
 through the in-process engine, and we report
   tokens per forward of each tower (and of both), tokens/s at batch 1 on a subset of prompts,
   quality (a) next-line exact match: the first generated line equals the held-out line,
@@ -38,6 +39,7 @@ class Row:
     mode: str
     block_size: int | None
     gamma: float | None
+    steps: int | None = None  # T, steps per block (diffusion)
     tokens: int = 0
     den_forwards: int = 0
     ctx_forwards: int = 0
@@ -102,7 +104,11 @@ def _prefix_frac(generated: str | None, target: str) -> float:
     return n / len(target)
 
 
-def grid(block_sizes: list[int], gammas: list[float], max_tokens: int) -> list[tuple[str, SamplingParams]]:
+def grid(block_sizes: list[int], gammas: list[float], max_tokens: int, few_steps: tuple[int, ...] = (),
+         few_steps_gamma: float = 0.8) -> list[tuple[str, SamplingParams]]:  # fmt: skip
+    """AR, lossless, mock-AR, then diffusion over gamma x block size with T = S steps per block; each T in
+    `few_steps` adds rows with T < S at `few_steps_gamma` (the schedule floor ceil(n / (T - step)) then
+    commits at least S / T tokens per step: the fixed-k end of the trade-off)."""
     base = dict(max_tokens=max_tokens, ignore_eos=False, temperature=0.0)
     out = [("AR", SamplingParams(mode="ar", **base)),
            ("lossless S=16", SamplingParams(mode="lossless", block_size=16, gamma=0.8, **base)),
@@ -113,6 +119,12 @@ def grid(block_sizes: list[int], gammas: list[float], max_tokens: int) -> list[t
         for g in gammas:
             out.append((f"diffusion S={s} g={g}", SamplingParams(mode="diffusion", block_size=s, gamma=g,
                                                                  steps_per_block=s, **base)))  # fmt: skip
+    for t in few_steps:
+        for s in block_sizes:
+            if t < s:
+                out.append((f"diffusion S={s} T={t} g={few_steps_gamma}",
+                            SamplingParams(mode="diffusion", block_size=s, gamma=few_steps_gamma,
+                                           steps_per_block=t, **base)))  # fmt: skip
     return out
 
 
@@ -126,7 +138,8 @@ def evaluate(engine: Engine, prompts: list[Prompt], configs: list[tuple[str, Sam
         t0 = time.perf_counter()
         reqs = engine.generate(texts, sp)  # batched: quality and forward counts
         row = Row(label, sp.mode, sp.block_size if sp.mode in ("diffusion", "lossless") else None,
-                  sp.gamma if sp.mode == "diffusion" else None)  # fmt: skip
+                  sp.gamma if sp.mode == "diffusion" else None,
+                  sp.steps_per_block if sp.mode == "diffusion" else None)  # fmt: skip
         row.tokens = sum(len(r.output_ids) for r in reqs)
         row.den_forwards = sum(r.usage.denoiser_forwards for r in reqs)
         row.ctx_forwards = sum(r.usage.context_forwards for r in reqs)
@@ -185,13 +198,20 @@ def plot(rows: list[Row], path: str, title: str) -> None:
 
     ar = rows[0]
     fig, ax = plt.subplots(figsize=(7, 5))
-    sizes = sorted({r.block_size for r in rows if r.mode == "diffusion"})
-    for s in sizes:
+    full = [r for r in rows if r.mode == "diffusion" and r.steps == r.block_size]
+    for s in sorted({r.block_size for r in full}):
         pts = sorted(((_ratio(r.tok_s, ar.tok_s), _ratio(r.next_line_prefix, ar.next_line_prefix), r.gamma)
-                      for r in rows if r.mode == "diffusion" and r.block_size == s), key=lambda p: p[2])  # fmt: skip
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"diffusion S={s}")
+                      for r in full if r.block_size == s), key=lambda p: p[2])  # fmt: skip
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"diffusion S={s} (labels: gamma)")
         for x, y, g in pts:
             ax.annotate(f"{g}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    few = [r for r in rows if r.mode == "diffusion" and r.steps != r.block_size]
+    for t in sorted({r.steps for r in few}):
+        pts = sorted((_ratio(r.tok_s, ar.tok_s), _ratio(r.next_line_prefix, ar.next_line_prefix), r.block_size)
+                     for r in few if r.steps == t)  # fmt: skip
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "x--", label=f"diffusion T={t} (labels: S)")
+        for x, y, s in pts:
+            ax.annotate(f"S{s}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, -9))
     for r in rows:
         if r.mode in ("ar", "lossless", "mock_ar"):
             ax.plot(_ratio(r.tok_s, ar.tok_s), _ratio(r.next_line_prefix, ar.next_line_prefix), "s", label=r.label)

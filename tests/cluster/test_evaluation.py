@@ -43,16 +43,20 @@ def test_heldout_prompts_are_cut_from_heldout_files_only():
 def test_small_grid_on_the_bundled_model(tmp_path):
     engine = build_engine(load_model(BUNDLED_MODEL), EngineConfig())
     prompts = ev.heldout_prompts(3, seed=1)
-    rows = ev.evaluate(engine, prompts, ev.grid([4], [0.8], 8), speed_prompts=1, log=lambda m: None)
+    rows = ev.evaluate(engine, prompts, ev.grid([4], [0.8], 8, few_steps=(2, 4)), speed_prompts=1,
+                       log=lambda m: None)  # fmt: skip
     by = {r.label: r for r in rows}
-    assert list(by) == ["AR", "lossless S=16", "lossless S=16 T=1", "mock-AR", "diffusion S=4 g=0.8"]
+    assert list(by) == ["AR", "lossless S=16", "lossless S=16 T=1", "mock-AR", "diffusion S=4 g=0.8",
+                        "diffusion S=4 T=2 g=0.8"]  # T=4 is not below S=4: no row  # fmt: skip
     ar, mock, dif = by["AR"], by["mock-AR"], by["diffusion S=4 g=0.8"]
     assert ar.ar_agree == 1.0 and ar.den_forwards == 0 and ar.tpf_ctx == 1.0
     for ll in (by["lossless S=16"], by["lossless S=16 T=1"]):
         assert ll.ar_agree == 1.0 and ll.next_line_prefix == ar.next_line_prefix  # float32 on CPU: exact
     assert by["lossless S=16 T=1"].den_forwards < by["lossless S=16"].den_forwards
     assert mock.den_forwards == mock.tokens  # one token per denoiser forward
-    assert dif.tokens > 0 and dif.tpf_den >= 1.0 and dif.block_size == 4 and dif.gamma == 0.8
+    assert dif.tokens > 0 and dif.tpf_den >= 1.0 and (dif.block_size, dif.gamma, dif.steps) == (4, 0.8, 4)
+    few = by["diffusion S=4 T=2 g=0.8"]
+    assert few.steps == 2 and few.den_forwards <= 2 * few.ctx_forwards  # at most T forwards per block
     for r in rows:
         assert r.loglik < 0 and r.tok_s > 0 and 0.0 <= r.next_line_prefix <= 1.0
     table = ev.table(rows).splitlines()
