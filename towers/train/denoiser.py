@@ -232,13 +232,16 @@ def mock_ar_forward(den: DenoiserTower, window: Tensor, feats: ContextFeatures, 
     return denoiser_forward(den, first, None, feats, layout)
 
 
+def kl_div(logp: Tensor, logq: Tensor) -> Tensor:
+    """KL(p || q) over the last dim, from log-probabilities [..., vocab] -> [...]."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
 def mock_ar_kl(den: DenoiserTower, window: Tensor, feats: ContextFeatures, layout: BlockLayout) -> Tensor:
     """Mean KL(context tower || unmodulated denoiser) of the next-token distributions at the block starts."""
     if feats.teacher is None:
         raise ValueError("feats: the mock-AR term needs context_features(..., teacher=True)")
-    logq = torch.log_softmax(mock_ar_forward(den, window, feats, layout), -1)
-    p = feats.teacher
-    return (p.exp() * (p - logq)).sum(-1).mean()
+    return kl_div(feats.teacher, torch.log_softmax(mock_ar_forward(den, window, feats, layout), -1)).mean()
 
 
 # ---- corruption and loss ------------------------------------------------------------------------------
@@ -398,7 +401,7 @@ def eval_mock_ar(den: DenoiserTower, ctx: ContextTower, stream: Tensor, cfg: Den
         logq = torch.log_softmax(mock_ar_forward(den, w, feats, layout), -1)
         nxt = w[:, layout.prefix + 1 :: layout.block][:, : layout.nblocks, None]  # token s_j + 1
         p = feats.teacher
-        kl += float((p.exp() * (p - logq)).sum(-1).sum())
+        kl += float(kl_div(p, logq).sum())
         nll_den -= float(logq.gather(-1, nxt).sum())
         nll_ctx -= float(p.gather(-1, nxt).sum())
         cnt += nxt.numel()
