@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--max-tokens", type=int, default=48)
     e.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16, 32])
     e.add_argument("--gammas", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
-    e.add_argument("--few-steps", type=int, nargs="*", default=[4, 2],
-                   help="also diffusion at gamma 0.8 with these steps per block T < S (the fixed-k end)")
+    e.add_argument("--few-steps", type=int, nargs="*", default=[4, 2], help="also diffusion at gamma 0.8 with "
+                   "these steps per block T < S (the fixed-k end)")  # fmt: skip
     e.add_argument("--speed-prompts", type=int, default=6, help="prompts timed at batch 1 per config")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--threads", type=int, default=None)

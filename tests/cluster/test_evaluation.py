@@ -4,6 +4,8 @@ measures mean what the table says, and a small grid on the bundled model gives r
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from twotower.cluster import evaluation as ev
@@ -61,6 +63,9 @@ def test_small_grid_on_the_bundled_model(tmp_path):
         assert r.loglik < 0 and r.tok_s > 0 and 0.0 <= r.next_line_prefix <= 1.0
     table = ev.table(rows).splitlines()
     assert len(table) == 2 + len(rows) and table[2].startswith("| AR |")
+    assert ev.likelihood_retained(ar, ar) == 1.0 and ev.prefix_retained(ar, ar) == 1.0
+    assert ev.likelihood_retained(by["lossless S=16"], ar) == 1.0
+    assert abs(ev.likelihood_retained(dif, ar) - math.exp(dif.loglik - ar.loglik)) < 1e-12
     pytest.importorskip("matplotlib")
     png = tmp_path / "t.png"
     ev.plot(rows, str(png), "test")
