@@ -237,8 +237,7 @@ def plot(rows: list[Row], path: str, title: str) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5))
     _panel(left, rows, prefix_retained, "quality retained (next-line prefix match relative to AR)")
-    _panel(right, rows, likelihood_retained, "likelihood retained (per-token probability under the context "
-                                              "tower, relative to AR)")  # fmt: skip
+    _panel(right, rows, likelihood_retained, "likelihood retained (exp(mean log p - AR's), context tower)")
     left.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
