@@ -28,6 +28,7 @@ from twotower.towers.train.denoiser import (
     mock_ar_forward,
     mock_ar_kl,
 )
+from twotower.towers.train.evaluate import mock_ar_generate
 
 TOL = 1e-5
 
@@ -172,3 +173,13 @@ def test_greedy_continuations_match_stepwise(towers):
             state, logits = ctx.prefill(seq)
             seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, seq)
+
+
+def test_mock_ar_generate_of_the_initial_denoiser_is_greedy_ar(towers):
+    """The training-time mock-AR loop (used in the model card) reads the denoiser exactly as the engine
+    does: with the denoiser copied from the context tower, it reproduces greedy AR token for token."""
+    ctx, den = towers
+    prompts = torch.randint(4, 256, (2, 6), generator=torch.Generator().manual_seed(7))
+    ar = greedy_continuations(ctx, prompts, 8)[:, 6:]
+    assert torch.equal(mock_ar_generate(ctx, denoiser_from_context(ctx).eval(), prompts, 8), ar)
+    assert not torch.equal(mock_ar_generate(ctx, den, prompts, 8), ar)  # a different denoiser: not AR

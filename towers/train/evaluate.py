@@ -85,18 +85,16 @@ def decoding_report(
     ctx.eval()
     den.eval()
     ar = greedy_continuations(ctx, prompts, max_new)[:, prompts.shape[1] :]
+
+    def agreement(gen: Tensor) -> dict[str, float]:
+        eq = gen == ar
+        first = torch.where(eq.all(-1), torch.full((eq.shape[0],), max_new), (~eq).float().argmax(-1))
+        return {"ar_token_match": float(eq.float().mean()), "ar_first_divergence_mean": float(first.float().mean())}
+
     rows = {}
     for g in gammas:
         gen, fw = diffusion_generate(ctx, den, prompts, max_new, block, g)
-        eq = gen == ar
-        first = torch.where(eq.all(-1), torch.full((eq.shape[0],), max_new), (~eq).float().argmax(-1))
-        rows[g] = {
-            "tokens_per_denoiser_forward": gen.numel() / max(fw, 1),
-            "ar_token_match": float(eq.float().mean()),
-            "ar_first_divergence_mean": float(first.float().mean()),
-        }
-    eq = mock_ar_generate(ctx, den, prompts, max_new) == ar
-    first = torch.where(eq.all(-1), torch.full((eq.shape[0],), max_new), (~eq).float().argmax(-1))
-    mock = {"ar_token_match": float(eq.float().mean()), "ar_first_divergence_mean": float(first.float().mean())}
+        rows[g] = {"tokens_per_denoiser_forward": gen.numel() / max(fw, 1), **agreement(gen)}
+    mock = agreement(mock_ar_generate(ctx, den, prompts, max_new))
     return {"prompts": prompts.shape[0], "prompt_len": prompts.shape[1], "max_new": max_new, "block": block,
             "by_gamma": rows, "mock_ar": mock}  # fmt: skip
