@@ -133,6 +133,28 @@ def micro_config(vocab_size: int = 32) -> NemotronHConfig:
     )  # fmt: skip
 
 
+def _fit(model: torch.nn.Module, steps: int, batch_loss, log, tag: str) -> float:
+    """The micro recipe's optimisation loop: AdamW on a short WSD schedule with aux-free MoE balancing;
+    batch_loss(step) -> scalar loss. Returns the last loss."""
+    oc = OptimConfig(lr=3e-3, warmup_steps=20, weight_decay=0.0, decay_fraction=0.3)
+    opt = make_optimizer(list(model.named_parameters()), oc)
+    bal = RouterBalancer(model, rate=1e-2)
+    model.train()
+    for step in range(steps):
+        set_lr(opt, wsd_lr(step, steps, oc))
+        loss = batch_loss(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), oc.grad_clip)
+        opt.step()
+        bal.step()
+        if log and (step + 1) % 100 == 0:
+            log(f"{tag} {step + 1} loss {float(loss.detach()):.4f}")
+    bal.remove()
+    model.eval()
+    return float(loss.detach())
+
+
 def train_micro(
     seed: int = 0,
     ar_steps: int = 400,
@@ -150,48 +172,26 @@ def train_micro(
     tok = CharTokenizer()
     ctx = init_for_training_(ContextTower(micro_config(tok.vocab_size)), seed=seed)
     stats: dict = {}
-    t0 = time.perf_counter()
-    oc = OptimConfig(lr=3e-3, warmup_steps=20, weight_decay=0.0, decay_fraction=0.3)
-    opt = make_optimizer(list(ctx.named_parameters()), oc)
-    bal = RouterBalancer(ctx, rate=1e-2)
-    ctx.train()
-    for step in range(ar_steps):
-        set_lr(opt, wsd_lr(step, ar_steps, oc))
+
+    def ar_batch(step: int) -> Tensor:
         n = rng.randint(min_digits, max_digits)
-        loss = answer_loss(ctx, make_batch(tok, rng, batch, n, block, blocks), n + 3)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ctx.parameters(), oc.grad_clip)
-        opt.step()
-        bal.step()
-        if log and (step + 1) % 100 == 0:
-            log(f"ar {step + 1} loss {float(loss.detach()):.4f}")
-    bal.remove()
-    stats["ar_loss"], stats["ar_s"] = float(loss.detach()), time.perf_counter() - t0
+        return answer_loss(ctx, make_batch(tok, rng, batch, n, block, blocks), n + 3)
 
     t0 = time.perf_counter()
-    ctx.eval()
+    stats["ar_loss"] = _fit(ctx, ar_steps, ar_batch, log, "ar")
+    stats["ar_s"] = time.perf_counter() - t0
+
     for p in ctx.parameters():
         p.requires_grad_(False)
     den = denoiser_from_context(ctx, seed=seed)
-    oc = OptimConfig(lr=3e-3, warmup_steps=20, weight_decay=0.0, decay_fraction=0.3)
-    opt = make_optimizer(list(den.named_parameters()), oc)
-    bal = RouterBalancer(den, rate=1e-2)
     gen = torch.Generator().manual_seed(seed + 1)
-    den.train()
-    for step in range(den_steps):
-        set_lr(opt, wsd_lr(step, den_steps, oc))
+
+    def den_batch(step: int) -> Tensor:
         n = rng.randint(min_digits, max_digits)
         window = make_batch(tok, rng, batch, n, block, blocks)
-        loss = denoiser_loss(den, ctx, window, BlockLayout(n + 3, block, blocks), gen).total
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(den.parameters(), oc.grad_clip)
-        opt.step()
-        bal.step()
-        if log and (step + 1) % 100 == 0:
-            log(f"den {step + 1} loss {float(loss.detach()):.4f}")
-    bal.remove()
-    den.eval()
-    stats["den_loss"], stats["den_s"] = float(loss.detach()), time.perf_counter() - t0
+        return denoiser_loss(den, ctx, window, BlockLayout(n + 3, block, blocks), gen).total
+
+    t0 = time.perf_counter()
+    stats["den_loss"] = _fit(den, den_steps, den_batch, log, "den")
+    stats["den_s"] = time.perf_counter() - t0
     return ctx, den, stats
