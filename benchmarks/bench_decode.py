@@ -16,12 +16,12 @@ import time
 
 import torch
 
-from twotower.cluster.bench_serve import PROMPTS as CODE_PROMPTS
-from twotower.cluster.config import EngineConfig
-from twotower.cluster.engine import Engine
-from twotower.cluster.loading import LoadedModel, ModelFiles, build_engine, load_model
-from twotower.cluster.sampling import SamplingParams
-from twotower.cluster.tokenizer import ByteTokenizer
+from twotower.cluster.cli.bench_serve import PROMPTS as CODE_PROMPTS
+from twotower.cluster.engine.config import EngineConfig
+from twotower.cluster.engine.engine import Engine
+from twotower.cluster.engine.loading import LoadedModel, ModelFiles, build_engine, load_model
+from twotower.cluster.engine.params import SamplingParams
+from twotower.cluster.engine.tokenizer import ByteTokenizer
 from twotower.towers.config import preset
 from twotower.towers.context import ContextTower
 from twotower.towers.denoiser import DenoiserTower

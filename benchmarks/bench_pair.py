@@ -77,16 +77,17 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from twotower.cluster.engine import Engine
-    from twotower.cluster.ray_executor import RayExecutor
-    from twotower.cluster.sampling import ModelLimits, SamplingParams
-    from twotower.cluster.tower_pair import PairConfig, TowerPair
+    from twotower.cluster.actors.config import PairConfig
+    from twotower.cluster.actors.pair import TowerPair
+    from twotower.cluster.actors.ray_executor import RayExecutor
+    from twotower.cluster.engine.engine import Engine
+    from twotower.cluster.engine.params import ModelLimits, SamplingParams
     from twotower.towers.config import NemotronHConfig
 
     model = args.model or make_model(args.preset, os.path.join(tempfile.mkdtemp(), "m"))
     cfg = NemotronHConfig.from_json_file(os.path.join(model, "config.json"))
     ray.init(include_dashboard=False, log_to_driver=False, num_cpus=None if args.gpus else 4)
-    pair = TowerPair(PairConfig(model=model, use_gpus=args.gpus, replica_cpus=0.1, worker_threads=args.threads))
+    pair = TowerPair(model, PairConfig(use_gpus=args.gpus, replica_cpus=0.1, worker_threads=args.threads))
     limits = ModelLimits(cfg.vocab_size, 4096)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(4, cfg.vocab_size, (32,), generator=g).tolist() for _ in range(args.requests)]

@@ -96,11 +96,12 @@ def pair_transfer(model: str, out) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from twotower.cluster.ray_executor import RayExecutor
-    from twotower.cluster.tower_pair import PairConfig, TowerPair
+    from twotower.cluster.actors.config import PairConfig
+    from twotower.cluster.actors.pair import TowerPair
+    from twotower.cluster.actors.ray_executor import RayExecutor
 
     ray.init(include_dashboard=False, log_to_driver=False)
-    pair = TowerPair(PairConfig(model=model, use_gpus=True, transport="nccl", replica_cpus=0.1))
+    pair = TowerPair(model, PairConfig(use_gpus=True, transport="nccl", replica_cpus=0.1))
     ex = RayExecutor(pair)
     b, S = 8, 16
     ex.add_rows("x", [[5] * 512] * b, None, uses_denoiser=True).result()
@@ -117,9 +118,9 @@ def pair_transfer(model: str, out) -> None:
 
 
 def throughput(ctx, den, dev: str, out, max_tokens: int) -> None:
-    from twotower.cluster.engine import Engine
-    from twotower.cluster.executor import InProcessExecutor
-    from twotower.cluster.sampling import ModelLimits, SamplingParams
+    from twotower.cluster.engine.engine import Engine
+    from twotower.cluster.engine.executor import InProcessExecutor
+    from twotower.cluster.engine.params import ModelLimits, SamplingParams
 
     eng = Engine(InProcessExecutor(ctx, den), ModelLimits(ctx.cfg.vocab_size, 8192))
     g = torch.Generator().manual_seed(0)

@@ -245,26 +245,6 @@ class NemotronHConfig:
         return dataclasses.replace(self, **changes)
 
 
-@dataclass(frozen=True)
-class DiffusionDefaults:
-    """TwoTower runtime defaults. None of these live in the checkpoint's config.json."""
-
-    mask_token_id: int = 3
-    block_size: int = 16
-    steps_per_block: int = 16
-    gamma: float = 0.8  # confidence threshold of the paper's operating point
-
-    def __post_init__(self) -> None:
-        if self.mask_token_id < 0:
-            raise ValueError(f"DiffusionDefaults.mask_token_id: must be >= 0 (got {self.mask_token_id})")
-        if self.block_size < 1:
-            raise ValueError(f"DiffusionDefaults.block_size: must be >= 1 (got {self.block_size})")
-        if self.steps_per_block < 1:
-            raise ValueError(f"DiffusionDefaults.steps_per_block: must be >= 1 (got {self.steps_per_block})")
-        if not 0.0 < self.gamma <= 1.0:
-            raise ValueError(f"DiffusionDefaults.gamma: must be in (0, 1] (got {self.gamma})")
-
-
 # ---- named presets ---------------------------------------------------------------------------------
 
 

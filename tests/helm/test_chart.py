@@ -25,10 +25,9 @@ from typing import Any
 import pytest
 import yaml
 
-from twotower.cluster.deploy_config import serve_deploy_config
-from twotower.cluster.grpc_ingress import grpc_servicer_functions
-from twotower.cluster.sampling import SamplingParams
-from twotower.cluster.serve_config import ServeConfig
+from twotower.cluster.engine.params import SamplingParams
+from twotower.cluster.serve.config import ServeConfig
+from twotower.cluster.serve.deploy import grpc_servicer_functions, serve_deploy_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "twotower"

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from twotower.towers.config import DiffusionDefaults, NemotronHConfig, preset
+from twotower.towers.config import NemotronHConfig, preset
 from twotower.towers.context import ContextTower
 from twotower.towers.denoiser import DenoiserTower
 
@@ -97,14 +97,6 @@ def test_bad_json_names_the_file(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="config.json"):
         NemotronHConfig.from_json_file(path)
-
-
-def test_diffusion_defaults():
-    d = DiffusionDefaults()
-    assert (d.mask_token_id, d.block_size, d.steps_per_block, d.gamma) == (3, 16, 16, 0.8)
-    for kw, field in (({"gamma": 0.0}, "gamma"), ({"gamma": 1.5}, "gamma"), ({"block_size": 0}, "block_size")):
-        with pytest.raises(ValueError, match=field):
-            DiffusionDefaults(**kw)
 
 
 def test_unknown_preset():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from twotower.cluster.tokenizer import Tokenizer
+from twotower.cluster.engine.tokenizer import Tokenizer
 from twotower.towers.config import preset
 from twotower.towers.context import ContextTower
 from twotower.towers.train import tokenizer as T

@@ -13,9 +13,9 @@ import random
 import pytest
 import torch
 
-from twotower.cluster.engine import Engine
-from twotower.cluster.executor import InProcessExecutor
-from twotower.cluster.sampling import ModelLimits, SamplingParams
+from twotower.cluster.engine.engine import Engine
+from twotower.cluster.engine.executor import InProcessExecutor
+from twotower.cluster.engine.params import ModelLimits, SamplingParams
 from twotower.towers.checkpoint import load_tower, save_twotower
 from twotower.towers.train import synthetic as syn
 

@@ -7,8 +7,7 @@ import math
 import os
 import random
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +53,6 @@ def wsd_lr(step: int, total: int, oc: OptimConfig) -> float:
         return oc.lr
     frac = min(1.0, (step - decay_start) / max(1, total - decay_start))
     return oc.lr * (1.0 - (1.0 - oc.min_lr_ratio) * frac)
-
-
-def cosine_lr(step: int, total: int, oc: OptimConfig) -> float:
-    if step < oc.warmup_steps:
-        return oc.lr * (step + 1) / oc.warmup_steps
-    frac = min(1.0, (step - oc.warmup_steps) / max(1, total - oc.warmup_steps))
-    return oc.lr * (oc.min_lr_ratio + (1 - oc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def make_optimizer(params: list[tuple[str, nn.Parameter]], oc: OptimConfig) -> torch.optim.AdamW:
@@ -134,18 +126,6 @@ class Budget:
         if int(new * (1.0 - decay_fraction)) <= done + 1:  # would start the decay in the past: start it now
             new = int((done + 2) / (1.0 - decay_fraction)) + 1
         return new
-
-
-class Timer:
-    def __init__(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def __call__(self) -> float:
-        return time.perf_counter() - self.t0
-
-
-def as_dict(x: Any) -> dict[str, Any]:
-    return asdict(x)
 
 
 @torch.no_grad()

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from twotower import kernels
+from twotower.decoding import MASK_TOKEN_ID
 
 from ..config import ATTENTION, MAMBA
 from ..context import ContextTower
@@ -69,7 +70,7 @@ from .common import (
 )
 from .corpus import random_windows
 
-MASK_ID = 3
+MASK_ID = MASK_TOKEN_ID
 
 
 # ---- initialisation ------------------------------------------------------------------------------------

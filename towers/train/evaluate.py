@@ -1,6 +1,7 @@
 """Decoding metrics for a freshly trained pair of towers, without the serving engine (towers must not import
-cluster): the reference mask-diffusion loop (model-spec.md §2.5, greedy, confidence threshold gamma, at
-least one commit per step, schedule floor, last step commits all) batched over prompts of equal length.
+cluster): the mask-diffusion loop batched over prompts of equal length, greedy, with the decoding rule of
+`twotower.decoding` (the one the engine uses: confidence threshold gamma, at least one commit per step,
+schedule floor, last step commits all, ties to the lower position).
 
 Reported: tokens per denoiser forward (per row: forwards in which the row still had masked positions) and
 agreement with the context tower's greedy AR continuation (token match rate, first divergence), for mask
@@ -12,6 +13,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from twotower.decoding import select_commits, x0_predict
 
 from ..context import ContextTower
 from ..denoiser import DenoiserTower
@@ -43,19 +46,9 @@ def diffusion_generate(
                 break
             row_forwards += int(masked.any(-1).sum())
             logits = den.denoise(xt, masked.float().mean(-1), state)
-            logits[..., mask_id] = float("-inf")
-            conf, pred = torch.softmax(logits, -1).max(-1)
-            conf = torch.where(masked, conf, torch.full_like(conf, -1.0))
-            n = masked.sum(-1)
-            if step == steps - 1:
-                k = n
-            else:
-                above = ((conf > gamma) & masked).sum(-1)
-                k = torch.where(above > 0, above, torch.ones_like(above))
-                floor = torch.ceil(n.float() / (steps - step)).long()
-                k = torch.minimum(torch.maximum(k, floor), n)
-            rank = conf.argsort(-1, descending=True).argsort(-1)
-            commit = masked & (rank < k[:, None])
+            pred, conf = x0_predict(logits, mask_id, torch.zeros(b))  # greedy
+            commit = select_commits(masked, conf, torch.full((b,), step), torch.full((b,), steps),
+                                    torch.full((b,), gamma))  # fmt: skip
             xt = torch.where(commit, pred, xt)
         out.append(xt)
         ctx.extend(xt, state)

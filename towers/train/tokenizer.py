@@ -13,8 +13,10 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from twotower.decoding import MASK_TOKEN_ID
+
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<mask>")
-PAD_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3
+PAD_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, MASK_TOKEN_ID
 
 
 def train_bpe(texts: list[str], vocab_size: int = 4096, min_frequency: int = 2) -> Tokenizer:

@@ -209,7 +209,7 @@ Checks a JSON schema cannot express. Each failure names the value(s) to change.
 {{- end }}
 
 {{/*
-serveConfigV2: what twotower.cluster.deploy_config.serve_deploy_config(ServeConfig) returns for the
+serveConfigV2: what twotower.cluster.serve.deploy.serve_deploy_config(ServeConfig) returns for the
 `serve` values (tests/helm/test_chart.py compares the two).
 */}}
 {{- define "twotower.serveConfig" -}}
@@ -233,7 +233,7 @@ serveConfigV2: what twotower.cluster.deploy_config.serve_deploy_config(ServeConf
 {{- $_ := set $pair "placement_group_bundles" (list (dict "CPU" $p.replica_cpus) $tower (deepCopy $tower)) }}
 {{- $_ := set $pair "placement_group_strategy" "STRICT_PACK" }}
 {{- end }}
-{{- $app := dict "name" $s.app_name "route_prefix" "/" "import_path" "twotower.cluster.app:build_app" "args" $args "deployments" (list $pair (dict "name" "Ingress")) }}
+{{- $app := dict "name" $s.app_name "route_prefix" "/" "import_path" "twotower.cluster.serve.app:build_app" "args" $args "deployments" (list $pair (dict "name" "Ingress")) }}
 {{- $cfg := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" $s.http_port) "grpc_options" (dict "port" $s.grpc_port "grpc_servicer_functions" .Values.grpcServicerFunctions) "applications" (list $app) }}
 {{- toYaml $cfg }}
 {{- end }}

@@ -1,0 +1,285 @@
+"""The engine: requests in, streamed deltas out. The step loop reads like the algorithm:
+
+    step():  drop aborted rows -> schedule (admit, pick lanes) -> prefill new rows -> step each lane
+             -> turn the tokens each request kept into deltas -> release finished requests
+
+It drives the towers only through a TowerExecutor, so the same engine runs in-process or over Ray.
+`AsyncEngine` (async_engine.py) wraps it for asyncio servers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from twotower.decoding import MASK_TOKEN_ID
+
+from .executor import TowerExecutor
+from .lanes import ARLane, DiffusionLane, Event, Lane, LosslessLane, MockARLane
+from .params import ModelLimits, SamplingParams
+from .request import FinishReason, Request, RequestOutput, Usage
+from .scheduler import Scheduler, parse_lane
+from .tokenizer import IncrementalDetokenizer, TokenizerLike, find_stop
+
+
+@dataclass
+class StepStats:
+    """What one engine step did (for metrics hooks)."""
+
+    seconds: float
+    lanes: list[str]
+    rows: int  # running requests after admission
+    new_tokens: int
+    admitted: int
+    finished: int
+    waiting: int
+
+
+@dataclass
+class EngineHooks:
+    on_step: list[Callable[[StepStats], None]] = field(default_factory=list)
+    on_finish: list[Callable[[Request], None]] = field(default_factory=list)
+
+
+class _Output:
+    """Per-request text state: incremental detokenisation and stop strings."""
+
+    def __init__(self, req: Request, tokenizer: TokenizerLike | None) -> None:
+        self.req = req
+        self.detok = IncrementalDetokenizer(tokenizer, req.prompt_ids) if tokenizer else None
+        self.sent = 0  # characters of detok.text already streamed
+        self.final_sent = False  # the finished delta went out
+
+    def delta(self, new_ids: list[int]) -> str:
+        """Text delta for `new_ids` (already appended to the request). A stop string ends the request:
+        the text is cut before it, and the request's tokens after the one completing it are dropped."""
+        if self.detok is None:
+            return ""
+        self.detok.push(new_ids)
+        if self.req.finished:
+            self.detok.flush()
+        text, stops = self.detok.text, self.req.params.stop
+        end = len(text)
+        if stops:
+            cut = find_stop(text, stops, self.sent)
+            if cut is not None:
+                end = cut
+                stop_end = min(cut + len(st) for st in stops if text.startswith(st, cut))
+                self._trim_tokens(stop_end, len(new_ids))
+                self.req.finish(FinishReason.STOP)
+            elif not self.req.finished:
+                end -= self.detok.holdback(stops)
+        out = text[self.sent : max(end, self.sent)]
+        self.sent = max(end, self.sent)
+        return out
+
+    def _trim_tokens(self, stop_end: int, n_new: int) -> None:
+        """Keep the fewest of the last `n_new` tokens whose text reaches `stop_end` characters."""
+        req = self.req
+        base = len(req.output_ids) - n_new
+        for j in range(1, n_new + 1):
+            probe = IncrementalDetokenizer(self.detok.tokenizer, req.prompt_ids)
+            probe.push(req.output_ids[: base + j])
+            probe.flush()
+            if len(probe.text) >= stop_end:
+                del req.output_ids[base + j :]
+                del req.output_logprobs[base + j :]
+                req.usage.completion_tokens = len(req.output_ids)
+                return
+
+
+class Engine:
+    def __init__(
+        self,
+        executor: TowerExecutor,
+        limits: ModelLimits,
+        *,
+        mask_token_id: int = MASK_TOKEN_ID,
+        eos_token_ids: tuple[int, ...] = (),
+        tokenizer: TokenizerLike | None = None,
+        max_num_seqs: int = 32,
+        max_prefills_per_step: int = 16,
+        micro_batches: int = 1,
+        pipeline: bool = True,
+        hooks: EngineHooks | None = None,
+    ) -> None:
+        self.ex = executor
+        self.limits = limits
+        self.mask_id = mask_token_id
+        self.eos_ids = tuple(eos_token_ids)
+        self.tokenizer = tokenizer
+        self.scheduler = Scheduler(max_num_seqs, max_prefills_per_step, micro_batches)
+        self.pipeline = pipeline  # False: each lane's work completes before the next lane starts
+        self.hooks = hooks or EngineHooks()
+        self.lanes: dict[str, Lane] = {}
+        self.outputs: dict[str, _Output] = {}
+        self._ids = itertools.count()
+        self._lock = threading.RLock()  # step() vs add/abort from other threads
+
+    # ---- requests --------------------------------------------------------------------------------
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> Request:
+        """Validate and queue a request; raises ValueError naming the bad field."""
+        params = params or SamplingParams()
+        prompt_ids = self._tokens(prompt, "prompt")
+        params.validate(self.limits, len(prompt_ids))
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        req = Request(rid, prompt_ids, params, seed, self.eos_ids)
+        req.usage.prompt_tokens = len(prompt_ids)
+        with self._lock:
+            self.scheduler.add(req)
+            self.outputs[rid] = _Output(req, self.tokenizer)
+        return req
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request; its slot and state are freed before this returns."""
+        with self._lock:
+            req = self.scheduler.abort(request_id)
+            if req is None:
+                return None
+            self._drop_finished()
+            return self._finalise(req)
+
+    def score(self, prompt: str | list[int], continuation: str | list[int]) -> tuple[list[int], list[float], int]:
+        """(continuation token ids, their log-probabilities under the context tower, prompt tokens).
+        Raises ValueError naming the bad field."""
+        p_ids = self._tokens(prompt, "prompt")
+        c_ids = self._tokens(continuation, "continuation")
+        if not p_ids:
+            raise ValueError("prompt: must contain at least one token")
+        if not c_ids:
+            raise ValueError("continuation: must contain at least one token")
+        if len(p_ids) + len(c_ids) > self.limits.max_model_len:
+            raise ValueError(
+                f"continuation: prompt + continuation exceed the context limit {self.limits.max_model_len}"
+            )
+        with self._lock:
+            return c_ids, self.ex.score(p_ids, c_ids).result(), len(p_ids)
+
+    def _tokens(self, x: str | list[int], name: str) -> list[int]:
+        if isinstance(x, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{name}: text needs a tokenizer; pass token ids")
+            return self.tokenizer.encode(x)
+        ids = list(x)
+        if any(type(t) is not int or not 0 <= t < self.limits.vocab_size for t in ids):
+            raise ValueError(f"{name}: token ids must be integers in [0, {self.limits.vocab_size})")
+        return ids
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def fail_all(self, error: BaseException) -> list[Request]:
+        """Finish every request in flight with FinishReason.ERROR (the towers failed) and forget the
+        lanes without touching the executor; returns the failed requests."""
+        with self._lock:
+            failed = list(self.scheduler.waiting) + list(self.scheduler.running.values())
+            self.scheduler.waiting.clear()
+            for r in failed:
+                r.finish(FinishReason.ERROR)
+            self.scheduler.release(failed)
+            for key in list(self.lanes):
+                try:
+                    self.ex.close_lane(key)
+                except Exception:  # a dead executor cannot close anything; its state is gone anyway
+                    pass
+            self.lanes.clear()
+            for r in failed:
+                self.outputs.pop(r.request_id, None)
+                for hook in self.hooks.on_finish:
+                    hook(r)
+            return failed
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        with self._lock:
+            t0 = time.perf_counter()
+            sched = self.scheduler.schedule({k: len(v) for k, v in self.lanes.items()})
+            events: list[Event] = []
+            for key, reqs in sched.admit.items():
+                events += self._lane(key).admit(reqs)
+            self.ex.check()
+            if self.pipeline:  # every lane's driving forward is submitted before any is waited for
+                launched = [(self.lanes[key], self.lanes[key].launch()) for key in sched.step]
+                for lane, pending in launched:
+                    events += lane.finish(pending)
+            else:
+                for key in sched.step:
+                    events += self.lanes[key].step()
+                    self.ex.drain()
+            outs = self._deltas(events)
+            finished = self._drop_finished()
+            outs += [o for o in map(self._finalise, finished) if o is not None]
+            stats = StepStats(time.perf_counter() - t0, sched.step, self.scheduler.num_running,
+                              sum(len(e[1]) for e in events), sum(map(len, sched.admit.values())),
+                              len(finished), self.scheduler.num_waiting)  # fmt: skip
+        for hook in self.hooks.on_step:
+            hook(stats)
+        return outs
+
+    def _lane(self, key: str) -> Lane:
+        if key not in self.lanes:
+            mode, size = parse_lane(key)
+            if mode == "diffusion":
+                self.lanes[key] = DiffusionLane(key, self.ex, self.mask_id, size)
+            elif mode == "lossless":
+                self.lanes[key] = LosslessLane(key, self.ex, self.mask_id, size)
+            elif mode == "ar":
+                self.lanes[key] = ARLane(key, self.ex, self.mask_id)
+            else:
+                self.lanes[key] = MockARLane(key, self.ex, self.mask_id)
+        return self.lanes[key]
+
+    def _deltas(self, events: list[Event]) -> list[RequestOutput]:
+        outs = []
+        for req, kept, logprobs in events:
+            if not kept or req.request_id not in self.outputs:
+                continue
+            out = self.outputs[req.request_id]
+            n_before = len(req.output_ids) - len(kept)
+            text = out.delta(kept)  # a stop string may finish the request and drop tokens
+            kept = req.output_ids[n_before:]
+            logprobs = logprobs[: len(kept)] if logprobs is not None else None
+            out.final_sent = req.finished
+            outs.append(RequestOutput(req.request_id, kept, text, req.finished, req.finish_reason,
+                                      _copy(req.usage), logprobs, req.seed))  # fmt: skip
+        return outs
+
+    def _drop_finished(self) -> list[Request]:
+        gone: list[Request] = []
+        for key, lane in list(self.lanes.items()):
+            gone += lane.drop_finished()
+            if not lane.rows:
+                self.ex.close_lane(key)
+                del self.lanes[key]
+        # aborted requests may already be out of their lane's bookkeeping
+        self.scheduler.release(gone)
+        return gone
+
+    def _finalise(self, req: Request) -> RequestOutput | None:
+        out = self.outputs.pop(req.request_id, None)
+        for hook in self.hooks.on_finish:
+            hook(req)
+        if out is None or out.final_sent:
+            return None
+        text = out.delta([]) if out.detok is not None else ""
+        return RequestOutput(req.request_id, [], text, True, req.finish_reason, _copy(req.usage), None, req.seed)
+
+    # ---- convenience -----------------------------------------------------------------------------
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]) -> list[Request]:
+        """Run prompts to completion (blocking); returns the finished requests in prompt order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        reqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        while any(not r.finished for r in reqs):
+            self.step()
+        return reqs
+
+
+def _copy(u: Usage) -> Usage:
+    return Usage(u.prompt_tokens, u.completion_tokens, u.denoiser_forwards, u.context_forwards)

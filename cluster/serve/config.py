@@ -1,0 +1,136 @@
+"""Serving configuration: one validated dataclass tree, read from YAML/JSON or the CLI. The Helm chart's
+values mirror it field for field (serveConfigV2 is generated from them).
+
+    model            where the checkpoint is (a directory every node can read)
+    engine           EngineConfig (batch limits, context length, ...)
+    pair             tower placement: GPUs, transport, dtype (actors.config.PairConfig)
+    autoscaling      Serve autoscaling of tower pairs (one replica = one pair)
+    ports            HTTP (OpenAI-compatible) and gRPC
+    defaults         default SamplingParams for requests that leave a field out
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twotower.cluster.actors.config import PairConfig
+from twotower.cluster.engine.config import EngineConfig
+from twotower.cluster.engine.params import ModelLimits, SamplingParams
+
+
+@dataclass
+class AutoscalingSettings:
+    min_replicas: int = 1
+    max_replicas: int = 1
+    initial_replicas: int | None = None
+    target_ongoing_requests: float = 8.0  # running + queued requests per pair before Serve adds one
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+    look_back_period_s: float = 30.0
+
+    def validate(self) -> None:
+        if self.min_replicas < 0:
+            raise ValueError(f"autoscaling.min_replicas: must be >= 0 (got {self.min_replicas})")
+        if self.max_replicas < max(1, self.min_replicas):
+            raise ValueError(f"autoscaling.max_replicas: must be >= max(1, min_replicas={self.min_replicas}) "
+                             f"(got {self.max_replicas})")  # fmt: skip
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError(f"autoscaling.initial_replicas: must lie in [min_replicas, max_replicas] "
+                             f"(got {self.initial_replicas})")  # fmt: skip
+        if self.target_ongoing_requests <= 0:
+            raise ValueError(f"autoscaling.target_ongoing_requests: must be > 0 (got {self.target_ongoing_requests})")
+        for name in ("upscale_delay_s", "downscale_delay_s", "look_back_period_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"autoscaling.{name}: must be >= 0 (got {getattr(self, name)})")
+
+    def to_serve(self) -> dict[str, Any]:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return out
+
+
+@dataclass
+class ServeConfig:
+    model: str | None = None  # checkpoint directory; None = the bundled model
+    served_model_name: str = "twotower"
+    app_name: str = "twotower"
+    http_port: int = 8000
+    grpc_port: int = 9000
+    request_timeout_s: float | None = None  # server-side cap on any request (deadlines may be shorter)
+    max_ongoing_requests: int = 64  # per replica, before Serve queues at the router
+    replicas: int | None = None  # a fixed number of tower pairs (autoscaling off); None = autoscaling
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    pair: PairConfig = field(default_factory=PairConfig)
+    autoscaling: AutoscalingSettings = field(default_factory=AutoscalingSettings)
+    defaults: dict[str, Any] = field(default_factory=dict)  # SamplingParams overrides
+
+    def __post_init__(self) -> None:
+        if isinstance(self.engine, dict):
+            self.engine = EngineConfig(**self.engine)
+        if isinstance(self.pair, dict):
+            self.pair = PairConfig(**self.pair)
+        if isinstance(self.autoscaling, dict):
+            self.autoscaling = AutoscalingSettings(**self.autoscaling)
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("http_port", "grpc_port"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or not 0 < v < 65536:
+                raise ValueError(f"{name}: must be a TCP port 1..65535 (got {v!r})")
+        if self.http_port == self.grpc_port:
+            raise ValueError("grpc_port: must differ from http_port")
+        if self.max_ongoing_requests < 1:
+            raise ValueError(f"max_ongoing_requests: must be >= 1 (got {self.max_ongoing_requests})")
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s: must be > 0 (got {self.request_timeout_s})")
+        if self.replicas is not None and (not isinstance(self.replicas, int) or self.replicas < 0):
+            raise ValueError(f"replicas: must be an integer >= 0 or null for autoscaling (got {self.replicas!r})")
+        if not self.served_model_name:
+            raise ValueError("served_model_name: must not be empty")
+        self.pair.validate()  # again: a caller may have changed a field since construction
+        self.autoscaling.validate()
+        self.default_params()  # unknown or invalid defaults fail here
+
+    def default_params(self) -> SamplingParams:
+        names = {f.name for f in dataclasses.fields(SamplingParams)}
+        unknown = sorted(set(self.defaults) - names)
+        if unknown:
+            raise ValueError(f"defaults: unknown sampling field(s) {', '.join(unknown)}")
+        params = SamplingParams(**self.defaults)
+        # model-independent checks now; the model's own limits apply per request
+        params.validate(
+            ModelLimits(vocab_size=2**31 - 1, max_model_len=2**31 - 1, max_block_size=self.engine.max_block_size)
+        )
+        return params
+
+    @staticmethod
+    def from_dict(raw: dict[str, Any]) -> ServeConfig:
+        names = {f.name for f in dataclasses.fields(ServeConfig)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ValueError(f"config: unknown field(s) {', '.join(unknown)}")
+        for section, cls in (("engine", EngineConfig), ("pair", PairConfig), ("autoscaling", AutoscalingSettings)):
+            sub = raw.get(section)
+            if isinstance(sub, dict):
+                bad = sorted(set(sub) - {f.name for f in dataclasses.fields(cls)})
+                if bad:
+                    raise ValueError(f"{section}: unknown field(s) {', '.join(bad)}")
+        return ServeConfig(**raw)
+
+    @staticmethod
+    def from_file(path: str | Path) -> ServeConfig:
+        text = Path(path).read_text()
+        if str(path).endswith((".yaml", ".yml")):
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+        else:
+            raw = json.loads(text)
+        return ServeConfig.from_dict(raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,85 @@
+"""ServeConfig validation, and the declarative Serve config it produces (checked against Ray's own
+ServeDeploySchema), including the edits `twotower scale` makes."""
+
+from __future__ import annotations
+
+import pytest
+
+from twotower.cluster.serve.config import ServeConfig
+from twotower.cluster.serve.deploy import grpc_servicer_functions, serve_deploy_config, set_replicas
+
+
+def _validate(cfg: dict) -> None:
+    schema = pytest.importorskip("ray.serve.schema")
+    schema.ServeDeploySchema.model_validate(cfg)
+
+
+def test_defaults_and_round_trip():
+    cfg = ServeConfig(model="/models/m")
+    assert ServeConfig.from_dict(cfg.to_dict()) == cfg
+    assert (cfg.http_port, cfg.grpc_port, cfg.autoscaling.min_replicas) == (8000, 9000, 1)
+
+
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        ({"autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "max_replicas"),
+        ({"autoscaling": {"target_ongoing_requests": 0}}, "target_ongoing_requests"),
+        ({"http_port": 70000}, "http_port"),
+        ({"http_port": 9000, "grpc_port": 9000}, "grpc_port"),
+        ({"pair": {"transport": "nccl"}}, "transport"),
+        ({"pair": {"micro_batches": 0}}, "micro_batches"),
+        ({"defaults": {"gamma": 2.0}}, "gamma"),
+        ({"defaults": {"gama": 0.5}}, "defaults"),
+        ({"replicas": -1}, "replicas"),
+        ({"engine": {"max_num_seqs": 0}}, "max_num_seqs"),
+        ({"bogus": 1}, "bogus"),
+        ({"pair": {"bogus": 1}}, "bogus"),
+    ],
+)
+def test_invalid_values_name_the_field(raw, field):
+    with pytest.raises(ValueError, match=field):
+        ServeConfig.from_dict(raw)
+
+
+def test_deploy_config_is_a_valid_serve_config_and_scales():
+    cfg = ServeConfig(model="/models/m", autoscaling={"min_replicas": 1, "max_replicas": 3},
+                      pair={"use_gpus": True})  # fmt: skip
+    dc = serve_deploy_config(cfg)
+    _validate(dc)
+    pair = dc["applications"][0]["deployments"][0]
+    assert pair["placement_group_bundles"] == [{"CPU": 0.5}, {"GPU": 1.0}, {"GPU": 1.0}]
+    assert pair["placement_group_strategy"] == "STRICT_PACK"
+    assert pair["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in pair
+    assert "twotower.protos.twotower_v1_pb2_grpc.add_TwoTowerServicer_to_server" in (
+        dc["grpc_options"]["grpc_servicer_functions"])  # fmt: skip
+    fixed = set_replicas(dc, "twotower", replicas=2)
+    _validate(fixed)
+    pair = fixed["applications"][0]["deployments"][0]
+    assert pair["num_replicas"] == 2 and "autoscaling_config" not in pair
+    assert fixed["applications"][0]["args"]["replicas"] == 2
+    auto = set_replicas(fixed, "twotower", min_replicas=2, max_replicas=5)
+    _validate(auto)
+    pair = auto["applications"][0]["deployments"][0]
+    assert pair["autoscaling_config"]["min_replicas"] == 2 and "num_replicas" not in pair
+    with pytest.raises(ValueError, match="max_replicas"):
+        set_replicas(auto, "twotower", min_replicas=9)
+    with pytest.raises(ValueError, match="app"):
+        set_replicas(auto, "nope", replicas=1)
+
+
+def test_grpc_servicer_functions_name_our_service_and_health():
+    assert grpc_servicer_functions() == [
+        "twotower.protos.twotower_v1_pb2_grpc.add_TwoTowerServicer_to_server",
+        "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    ]
+
+
+def test_the_import_path_of_configs_deployed_before_the_move_still_resolves():
+    pytest.importorskip("ray.serve")
+    from twotower.cluster import app as old
+    from twotower.cluster.serve import app as new
+    from twotower.cluster.serve.deploy import IMPORT_PATH
+
+    assert old.build_app is new.build_app
+    assert IMPORT_PATH == "twotower.cluster.serve.app:build_app"

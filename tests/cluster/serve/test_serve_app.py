@@ -1,0 +1,215 @@
+"""The Serve app on local Ray (CPU): gRPC and HTTP streams equal the in-process engine's tokens, health,
+reflection, model info, invalid requests, cancellation, metrics, autoscaling and manual REST scaling.
+One Ray cluster (with the dashboard, which serves the REST API) for the whole module."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import urllib.request
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+grpc = pytest.importorskip("grpc")
+
+from twotower.cluster.engine.engine import Engine  # noqa: E402
+from twotower.cluster.engine.executor import InProcessExecutor  # noqa: E402
+from twotower.cluster.engine.params import ModelLimits, SamplingParams  # noqa: E402
+from twotower.cluster.engine.tokenizer import ByteTokenizer  # noqa: E402
+from twotower.cluster.serve.config import ServeConfig  # noqa: E402
+from twotower.cluster.serve.deploy import (  # noqa: E402
+    deployed_config,
+    put_config,
+    replica_counts,
+    serve_deploy_config,
+    set_replicas,
+)
+from twotower.protos import twotower_v1_pb2 as pb  # noqa: E402
+from twotower.protos import twotower_v1_pb2_grpc as pb_grpc  # noqa: E402
+from twotower.towers.checkpoint import load_tower, save_twotower  # noqa: E402
+from twotower.towers.config import preset  # noqa: E402
+from twotower.towers.context import ContextTower  # noqa: E402
+from twotower.towers.denoiser import DenoiserTower  # noqa: E402
+from twotower.towers.init import init_random_  # noqa: E402
+
+APP = "twotower"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(cond, timeout: float, what: str, every: float = 0.5):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        v = cond()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    cfg = preset("tiny").replace(vocab_size=260)
+    ctx, den = init_random_(ContextTower(cfg), 0), init_random_(DenoiserTower(cfg), 1)
+    with torch.no_grad():
+        den.lm_head.weight.mul_(30)
+    path = tmp_path_factory.mktemp("serve") / "tiny"
+    save_twotower(path, ctx, den)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir):
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    dash, metrics_port = _free_port(), _free_port()
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dash,
+             _metrics_export_port=metrics_port, log_to_driver=False)  # fmt: skip
+    cfg = ServeConfig.from_dict({
+        "model": str(model_dir), "app_name": APP, "http_port": _free_port(), "grpc_port": _free_port(),
+        "engine": {"max_model_len": 512, "max_num_seqs": 16},
+        "pair": {"replica_cpus": 0.1, "micro_batches": 1},
+        "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                        "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 2},
+    })  # fmt: skip
+    dashboard = f"http://127.0.0.1:{dash}"
+    put_config(dashboard, serve_deploy_config(cfg, host="127.0.0.1"))
+    _wait(lambda: replica_counts(dashboard, APP).get("TowerPair") == 1, 180, "the app to start")
+    channel = grpc.insecure_channel(f"127.0.0.1:{cfg.grpc_port}")
+    _wait(lambda: _health(channel) == 1, 60, "gRPC health SERVING")
+    yield {"cfg": cfg, "dashboard": dashboard, "channel": channel, "metrics_port": metrics_port}
+    channel.close()
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _health(channel) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    except grpc.RpcError:
+        return -1
+
+
+def _local_tokens(model_dir, prompt: str, sp: SamplingParams) -> list[int]:
+    ex = InProcessExecutor(load_tower(model_dir, "context"), load_tower(model_dir, "denoiser"))
+    eng = Engine(ex, ModelLimits(260, 512), eos_token_ids=(2,), tokenizer=ByteTokenizer(260))
+    return eng.generate([prompt], sp)[0].output_ids
+
+
+MD = (("application", APP),)
+
+
+def test_grpc_stream_equals_in_process_engine(cluster, model_dir):
+    stub = pb_grpc.TwoTowerStub(cluster["channel"])
+    for mode, pmode in (("diffusion", pb.MODE_DIFFUSION), ("ar", pb.MODE_AR), ("lossless", pb.MODE_LOSSLESS)):
+        sp = SamplingParams(mode=mode, max_tokens=24, block_size=8, gamma=0.5, ignore_eos=True)
+        req = pb.GenerateRequest(prompt_text="def parse_args(", sampling=pb.SamplingParams(
+            mode=pmode, max_tokens=24, block_size=8, gamma=0.5, ignore_eos=True))  # fmt: skip
+        chunks = list(stub.Generate(req, metadata=MD, timeout=60))
+        assert chunks[-1].finished and chunks[-1].usage.completion_tokens == 24
+        assert [t for c in chunks for t in c.token_ids] == _local_tokens(model_dir, "def parse_args(", sp), mode
+
+
+def test_http_stream_equals_in_process_engine(cluster, model_dir):
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{cluster['cfg'].http_port}/v1", api_key="none")
+    sp = SamplingParams(mode="diffusion", max_tokens=24, block_size=8, gamma=0.5, ignore_eos=True)
+    want = ByteTokenizer(260).decode(_local_tokens(model_dir, "hello", sp))
+    stream = client.completions.create(model="twotower", prompt="hello", max_tokens=24, stream=True,
+                                       extra_body={"mode": "diffusion", "block_size": 8, "gamma": 0.5,
+                                                   "ignore_eos": True})  # fmt: skip
+    assert "".join(c.choices[0].text for c in stream) == want
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="twotower", prompt="hello", max_tokens=4, extra_body={"gamma": 1.5})
+    assert "gamma" in str(e.value)
+
+
+def test_health_reflection_model_info_and_invalid_requests(cluster):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    ch = cluster["channel"]
+    assert _health(ch) == 1  # SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+    resp = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                          metadata=MD, timeout=10))  # fmt: skip
+    assert "twotower.v1.TwoTower" in {s.name for s in resp.list_services_response.service}
+    stub = pb_grpc.TwoTowerStub(ch)
+    info = stub.ModelInfo(pb.ModelInfoRequest(), metadata=MD, timeout=30)
+    assert info.vocab_size == 260 and pb.MODE_DIFFUSION in info.modes and info.max_model_len == 512
+    bad = pb.GenerateRequest(prompt_text="x", sampling=pb.SamplingParams(block_size=0))
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(bad, metadata=MD, timeout=30))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "block_size" in e.value.details()
+
+
+def _pair_stats(cluster) -> dict:
+    from ray import serve
+
+    h = serve.get_deployment_handle("TowerPair", app_name=APP)
+    return h.stats.remote().result(timeout_s=30)
+
+
+def test_cancelled_stream_frees_its_slot(cluster):
+    stub = pb_grpc.TwoTowerStub(cluster["channel"])
+    req = pb.GenerateRequest(prompt_text="abc", sampling=pb.SamplingParams(
+        mode=pb.MODE_DIFFUSION, max_tokens=400, block_size=4, gamma=0.99, ignore_eos=True))  # fmt: skip
+    call = stub.Generate(req, metadata=MD, timeout=120)
+    next(call)  # generating
+    assert _pair_stats(cluster)["running"] >= 1
+    call.cancel()
+    _wait(lambda: _pair_stats(cluster)["running"] == 0, 30, "the cancelled request to leave the engine")
+
+
+def test_metrics_endpoint_shows_serving_metrics(cluster):
+    stub = pb_grpc.TwoTowerStub(cluster["channel"])
+    list(stub.Generate(pb.GenerateRequest(prompt_text="metrics", sampling=pb.SamplingParams(
+        mode=pb.MODE_DIFFUSION, max_tokens=16, block_size=8, ignore_eos=True)), metadata=MD, timeout=60))  # fmt: skip
+    names = ("twotower_time_to_first_token_s", "twotower_inter_block_latency_s", "twotower_tokens_per_forward",
+             "twotower_denoise_steps_per_block", "twotower_state_bytes_per_block", "twotower_state_transfer_ms",
+             "twotower_queue_depth", "twotower_active_requests", "twotower_generated_tokens_total",
+             "twotower_tokens_per_s")  # fmt: skip
+
+    def found():
+        body = urllib.request.urlopen(f"http://127.0.0.1:{cluster['metrics_port']}/metrics", timeout=10).read()
+        text = body.decode()
+        return all(n in text for n in names) and text
+
+    _wait(found, 60, "the metrics to be exported", every=2)
+
+
+def test_autoscaling_grows_under_load_and_shrinks_back(cluster):
+    dashboard = cluster["dashboard"]
+    stub = pb_grpc.TwoTowerStub(cluster["channel"])
+    req = pb.GenerateRequest(prompt_text="load", sampling=pb.SamplingParams(
+        mode=pb.MODE_DIFFUSION, max_tokens=500, block_size=4, gamma=0.99, ignore_eos=True))  # fmt: skip
+    calls = [stub.Generate(req, metadata=MD, timeout=300) for _ in range(4)]
+    for c in calls:
+        next(c)
+    try:
+        _wait(lambda: replica_counts(dashboard, APP).get("TowerPair") == 2, 120, "a second tower pair")
+    finally:
+        for c in calls:
+            c.cancel()
+    _wait(lambda: replica_counts(dashboard, APP).get("TowerPair") == 1, 120, "scaling back to one pair")
+
+
+def test_manual_scale_through_rest(cluster):
+    dashboard = cluster["dashboard"]
+    put_config(dashboard, set_replicas(deployed_config(dashboard), APP, replicas=2))
+    _wait(lambda: replica_counts(dashboard, APP).get("TowerPair") == 2, 120, "two pairs after a manual scale")
+    put_config(dashboard, set_replicas(deployed_config(dashboard), APP, replicas=1))
+    _wait(lambda: replica_counts(dashboard, APP).get("TowerPair") == 1, 120, "one pair after scaling back")
+    asyncio.run(asyncio.sleep(0))
