@@ -2,6 +2,7 @@
 batch 1 and batched, on the in-process engine. Prints one markdown table.
 
     python benchmarks/bench_decode.py [--model DIR | --preset tiny] [--prompts 8] [--max-tokens 64]
+    python benchmarks/bench_decode.py --compile [--batches 1 8] ...   # eager against compiled steps
 
 Columns: tok/s = generated tokens / wall seconds (all requests of the row); TPF = generated tokens per
 forward (den: denoiser forwards, ctx: context forwards incl. prefill, all: both towers); AR agree =
@@ -70,6 +71,49 @@ def configs(args) -> list[tuple[str, SamplingParams]]:
     return out
 
 
+def aten_ops_per_call(fn) -> int:
+    """Top-level aten ops one call dispatches (ops called from inside another op are not counted)."""
+    from torch.profiler import profile
+
+    fn()
+    with torch.no_grad(), profile() as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and
+               (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))  # fmt: skip
+
+
+def compare_compiled(args, model, prompts) -> None:
+    """Eager against compiled steps (engine/steps.py), side by side in one run, same requests."""
+    rows = [("ar", SamplingParams(mode="ar", max_tokens=args.max_tokens, ignore_eos=True)),
+            ("diffusion S=16 g=0.8", SamplingParams(mode="diffusion", block_size=16, gamma=0.8,
+                                                    max_tokens=args.max_tokens, ignore_eos=True)),
+            ("lossless S=16 T=1", SamplingParams(mode="lossless", block_size=16, steps_per_block=1,
+                                                 max_tokens=args.max_tokens, ignore_eos=True))]  # fmt: skip
+    engines = {eager: build_engine(model, EngineConfig(max_num_seqs=max(args.batches), max_model_len=1024,
+                                                       eager=eager)) for eager in (True, False)}  # fmt: skip
+    print("| config | batch | eager tok/s | compiled tok/s | x | same tokens |")
+    print("|---|---|---|---|---|---|")
+    for label, params in rows:
+        for b in args.batches:
+            ps = (prompts * 8)[:b]
+            out = {}
+            for eager, eng in engines.items():
+                run(eng, ps, params, True)  # compiles what this row needs (compiled engine) / warms up
+                secs, reqs = run(eng, ps, params, True)
+                out[eager] = (sum(len(r.output_ids) for r in reqs) / secs, [r.output_ids for r in reqs])
+            (te, ie), (tc, ic) = out[True], out[False]
+            print(f"| {label} | {b} | {te:.1f} | {tc:.1f} | {tc / te:.2f} | {ie == ic} |")
+    ex = {eager: eng.ex for eager, eng in engines.items()}
+    compiled = {**ex[False].ctx.steps.stats.compiled, **ex[False].den.steps.stats.compiled}
+    print(f"\ncompile warm-up: {len(compiled)} graphs, {sum(compiled.values()):.1f} s in all "
+          f"(first call of each key, this machine)")  # fmt: skip
+    for eager, e in ex.items():  # one batch-1 decode step of a fresh sequence
+        e.add_rows("ops", [[5, 6, 7]], None)
+        n = aten_ops_per_call(lambda e=e: e.decode("ops", torch.tensor([8]), None))
+        e.close_lane("ops")
+        print(f"aten ops dispatched per batch-1 decode step, {'eager' if eager else 'compiled'}: {n}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint directory")
@@ -81,9 +125,16 @@ def main() -> None:
     ap.add_argument("--batch", choices=["1", "all", "both"], default="both")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ignore-eos", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="eager against compiled steps instead")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes of --compile")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.model) if args.model else random_model(args.preset)
+    if args.compile:
+        name = args.model or f"random {args.preset}"
+        print(f"model: {name}; max_tokens {args.max_tokens}; threads {args.threads}; float32\n")
+        compare_compiled(args, model, CODE_PROMPTS)
+        return
     engine = build_engine(model, EngineConfig(max_num_seqs=64))
     prompts = (CODE_PROMPTS * 10)[: args.prompts]
     modes = {"1": [False], "all": [True], "both": [False, True]}[args.batch]

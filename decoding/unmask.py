@@ -33,7 +33,7 @@ def gumbel_noise(shape: tuple[int, ...], seeds: list[int], device: torch.device)
 def x0_predict(
     logits: Tensor,  # [b, S, V] float32
     mask_id: int,
-    temperature: Tensor,  # [b] float; 0 = greedy
+    temperature: Tensor,  # [b] float, on the host (a device tensor costs a read); 0 = greedy
     seeds: list[int] | None = None,  # per-row seed for this step (needed when any temperature > 0)
 ) -> tuple[Tensor, Tensor]:
     """Returns (pred [b, S] int64, conf [b, S] float32: untempered probability of pred)."""
@@ -41,13 +41,14 @@ def x0_predict(
     logits[..., mask_id] = float("-inf")  # the mask token is never predicted
     logp = torch.log_softmax(logits, dim=-1)
     pred = logp.argmax(-1)
-    hot = temperature > 0
+    hot = temperature.cpu() > 0  # temperatures come from the host: no device read
     if bool(hot.any()):
         if seeds is None:
             raise ValueError("x0_predict: seeds are required when sampling")
-        idx = hot.nonzero().flatten()
-        temp = temperature[idx].float()[:, None, None]
-        noise = gumbel_noise(tuple(logits[idx].shape), [seeds[i] for i in idx.tolist()], logits.device)
+        rows = hot.nonzero().flatten()
+        temp = temperature.cpu()[rows].float().to(logits.device)[:, None, None]
+        idx = rows.to(logits.device)
+        noise = gumbel_noise(tuple(logits[idx].shape), [seeds[i] for i in rows.tolist()], logits.device)
         pred[idx] = (torch.log_softmax(logits[idx] / temp, dim=-1) + noise).argmax(-1)
     conf = logp.gather(-1, pred[..., None]).squeeze(-1).exp()
     return pred, conf

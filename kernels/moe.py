@@ -37,7 +37,10 @@ def moe_experts(x: Tensor, topk_idx: Tensor, topk_w: Tensor, up: Tensor, down: T
     """Sort (token, expert) pairs by expert, run each expert on its contiguous rows, scatter back.
 
     impl: "segments" (one matmul per expert that received tokens), "grouped" (torch grouped_mm, one call
-    for all experts, no host sync), or "auto" (grouped on CUDA when available, else segments)."""
+    for all experts, no host sync), "auto" (grouped on CUDA when available, else segments), or "static"
+    (shapes that depend only on the input's: `moe_experts_static`)."""
+    if impl == "static":
+        return moe_experts_static(x, topk_idx, topk_w, up, down)
     n_experts = up.shape[0]
     order, counts, token_of = _sort_by_expert(topk_idx, n_experts)
     xs = x[token_of]  # [n * k, hid], rows grouped by expert
@@ -61,3 +64,26 @@ def moe_experts(x: Tensor, topk_idx: Tensor, topk_w: Tensor, up: Tensor, down: T
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     out.index_add_(0, token_of, ys.float() * w_sorted[:, None])
     return out.to(x.dtype)
+
+
+def moe_experts_static(x: Tensor, topk_idx: Tensor, topk_w: Tensor, up: Tensor, down: Tensor) -> Tensor:
+    """Routed experts with static shapes and no host sync, for compiled and graph-captured steps.
+
+    On CUDA in bf16: grouped_mm over the (token, expert) pairs sorted by expert, with per-expert counts
+    from a one-hot sum (bincount's output length would be data-dependent). Elsewhere every expert runs
+    on every token and a dense [n, e] weight matrix combines them (`moe_experts_ref`'s maths): e / k
+    times the routed FLOPs, but for the few tokens of a decode or denoise step on CPU it is faster than
+    per-expert segments (measured at e = 8, k = 2: 339 vs 360 us at 1 token, 783 vs 1391 us at 16)."""
+    n_experts = up.shape[0]
+    if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(F, "grouped_mm"):
+        flat = topk_idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = F.one_hot(flat, n_experts).sum(0)
+        token_of = order // topk_idx.shape[1]
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        h = _relu2(F.grouped_mm(x[token_of], up.transpose(-2, -1), offs=offs))
+        ys = F.grouped_mm(h, down.transpose(-2, -1), offs=offs)
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        out.index_add_(0, token_of, ys.float() * topk_w.reshape(-1)[order].float()[:, None])
+        return out.to(x.dtype)
+    return moe_experts_ref(x, topk_idx, topk_w, up, down)

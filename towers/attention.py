@@ -61,3 +61,23 @@ class Attention(nn.Module):
             cache.k[rows, pos] = k.to(cache.k.dtype)
             cache.v[rows, pos] = v.to(cache.v.dtype)
         return self.o_proj(out.reshape(bsz, seqlen, self.hq * self.hd))
+
+    def forward_window(
+        self,
+        u: Tensor,  # [b, l, hidden]
+        k_ctx: Tensor,  # [b, W, hkv, d]: a fixed window of each row's cached keys (a pool gather)
+        v_ctx: Tensor,
+        lengths: Tensor,  # [b] valid cached positions per row (<= W); the rest of the window is masked
+        causal: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Static-shape form of `forward` (no Python ints from tensors, no cache write): returns the
+        output [b, l, hidden] and this chunk's keys and values [b, l, hkv, d] for the caller to store."""
+        bsz, seqlen, _ = u.shape
+        q = self.q_proj(u).view(bsz, seqlen, self.hq, self.hd)
+        k = self.k_proj(u).view(bsz, seqlen, self.hkv, self.hd)
+        v = self.v_proj(u).view(bsz, seqlen, self.hkv, self.hd)
+        keys = torch.cat([k_ctx, k.to(k_ctx.dtype)], dim=1)
+        vals = torch.cat([v_ctx, v.to(v_ctx.dtype)], dim=1)
+        mask = kernels.key_mask(lengths, k_ctx.shape[1], seqlen, causal)
+        out = kernels.attention(q, keys.to(q.dtype), vals.to(q.dtype), mask)
+        return self.o_proj(out.reshape(bsz, seqlen, self.hq * self.hd)), k, v

@@ -20,6 +20,7 @@ from .config import MLP as MLP_KIND
 from .mamba2 import Mamba2Mixer
 from .moe import MLP, MoE
 from .norm import RMSNorm
+from .pool import StatePool
 from .state import AttentionState, ContextState, MambaState, MambaTrace
 
 # Per layer i: (shift, scale, gate), each [b, 1, d].
@@ -83,6 +84,58 @@ class Backbone(nn.Module):
                 layers.append(None)
         return ContextState(layers, torch.zeros(batch, dtype=torch.long, device=device))
 
+    @staticmethod
+    def _input(block: Block, h: Tensor, mod: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
+        if mod is None:
+            return block.norm(h)
+        shift, scale, _ = mod
+        if block.kind in (MAMBA, ATTENTION):  # modulate, then norm
+            return block.norm(h * (1 + scale) + shift)
+        return block.norm(h) * (1 + scale) + shift  # norm, then modulate
+
+    @staticmethod
+    def _residual(h: Tensor, y: Tensor, mod: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
+        return h + (mod[2] * y if mod is not None else y)
+
+    def run_slots(self, h: Tensor, pool: StatePool, slots: Tensor, window: int, how: LayerRun) -> Tensor:
+        """Static-shape `run` over a state pool: h [b, l, d] for the sequences in `slots` [b] -> final-normed
+        hidden [b, l, d]. Attention reads the first `window` cached positions of each slot (masked by its
+        length; the caller picks window >= every length); shapes depend only on (b, l, window), and no
+        value is read back to the host, so the pass compiles to one graph and replays as one CUDA graph.
+        With how.write the slots advance by the input (lengths included); K/V rows past a row's n_valid
+        are written too but lie past its new length, so they stay masked until overwritten."""
+        bsz, seqlen, _ = h.shape
+        lengths = pool.lengths[slots]
+        step_inplace = how.write and seqlen == 1 and how.n_valid is None
+        for i, block in enumerate(self.layers):
+            mod = how.modulation(i) if how.modulation is not None else None
+            u = self._input(block, h, mod)
+            st = pool.layers[i]
+            if block.kind == MAMBA:
+                tr: list[MambaTrace] | None = [] if how.traces is not None else None
+                y, new = block.mixer(u, MambaState(st.conv[slots], st.ssm[slots]), n_valid=how.n_valid,
+                                     inplace=step_inplace, trace=tr)  # fmt: skip
+                if tr:
+                    how.traces[i] = tr[0]
+                if how.write:
+                    st.conv[slots] = new.conv
+                    st.ssm[slots] = new.ssm
+            elif block.kind == ATTENTION:
+                y, k, v = block.mixer.forward_window(u, st.k[slots, :window], st.v[slots, :window], lengths,
+                                                     how.causal)  # fmt: skip
+                if how.write:
+                    pos = lengths[:, None] + torch.arange(seqlen, device=h.device)[None, :]  # [b, l]
+                    st.k[slots[:, None], pos] = k.to(st.k.dtype)
+                    st.v[slots[:, None], pos] = v.to(st.v.dtype)
+            elif block.kind == MOE:
+                y = block.mixer(u, static=True)
+            else:
+                y = block.mixer(u)
+            h = self._residual(h, y, mod)
+        if how.write:
+            pool.lengths[slots] = lengths + (how.n_valid if how.n_valid is not None else seqlen)
+        return self.norm_f(h)
+
     def run(self, h: Tensor, state: ContextState, how: LayerRun) -> Tensor:
         """h [b, l, d] embedded tokens -> final-normed hidden [b, l, d].
 
@@ -96,14 +149,8 @@ class Backbone(nn.Module):
         step_inplace = how.write and seqlen == 1 and how.n_valid is None
         for i, block in enumerate(self.layers):
             kind = block.kind
-            if how.modulation is not None:
-                shift, scale, gate = how.modulation(i)
-                if kind in (MAMBA, ATTENTION):  # modulate, then norm
-                    u = block.norm(h * (1 + scale) + shift)
-                else:  # norm, then modulate
-                    u = block.norm(h) * (1 + scale) + shift
-            else:
-                u = block.norm(h)
+            mod = how.modulation(i) if how.modulation is not None else None
+            u = self._input(block, h, mod)
             if kind == MAMBA:
                 tr: list[MambaTrace] | None = [] if how.traces is not None else None
                 y, new = block.mixer(u, state.layers[i], n_valid=how.n_valid, inplace=step_inplace, trace=tr)
@@ -115,7 +162,7 @@ class Backbone(nn.Module):
                 y = block.mixer(u, state.layers[i], lengths, ctx_len, uniform, how.causal, how.write)
             else:
                 y = block.mixer(u)
-            h = h + (gate * y if how.modulation is not None else y)
+            h = self._residual(h, y, mod)
         if how.write:
             state.lengths = lengths + (how.n_valid if how.n_valid is not None else seqlen)
         return self.norm_f(h)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .backbone import Backbone, LayerRun
 from .config import NemotronHConfig
+from .pool import StatePool
 from .state import ContextState, MambaTrace
 
 
@@ -49,6 +50,21 @@ class ContextTower(nn.Module):
             raise ValueError(f"n_valid: each row needs 0..{ids.shape[1]} tokens, got {n_valid.tolist()}")
         h = self.model.embeddings(ids)
         return self.model.run(h, state, LayerRun(causal=True, write=True, n_valid=n_valid, traces=traces))
+
+    def forward_slots(
+        self,
+        ids: Tensor,
+        pool: StatePool,
+        slots: Tensor,
+        window: int,
+        n_valid: Tensor | None = None,
+        traces: dict[int, MambaTrace] | None = None,
+    ) -> Tensor:
+        """`forward` over a state pool (Backbone.run_slots): ids [b, l] appended to the sequences in
+        `slots` [b] -> final hidden states [b, l, d]. Static shapes: compiles once per (b, l, window)."""
+        h = self.model.embeddings(ids)
+        return self.model.run_slots(h, pool, slots, window, LayerRun(causal=True, write=True, n_valid=n_valid,
+                                                                     traces=traces))  # fmt: skip
 
     @torch.no_grad()
     def prefill(

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .backbone import Backbone, LayerRun
 from .config import NemotronHConfig
+from .pool import StatePool
 from .state import ContextState
 
 FREQ_DIM = 256
@@ -71,15 +72,32 @@ class DenoiserTower(nn.Module):
             raise ValueError(f"xt: expected [batch={ctx.batch_size}, block], got {tuple(xt.shape)}")
         if t.shape != (xt.shape[0],):
             raise ValueError(f"t: expected shape [{xt.shape[0]}], got {tuple(t.shape)}")
+        h = self.model.embeddings(xt)
+        h = self.model.run(h, ctx, LayerRun(causal=False, write=False, modulation=self._modulation(t)))
+        return self.lm_head(h).float()
+
+    def _modulation(self, t: Tensor):
         temb = self.time_embedding(t)  # [b, 3, d]
 
         def modulation(i: int) -> tuple[Tensor, Tensor, Tensor]:
             sst = (self.scale_shift_tables[i][None] + temb)[:, :, None, :]  # [b, 3, 1, d]
             return sst[:, 0], sst[:, 1], sst[:, 2]
 
+        return modulation
+
+    def denoise_slots(self, xt: Tensor, t: Tensor, pool: StatePool, slots: Tensor, window: int) -> Tensor:
+        """`denoise` over the context tower's state pool (read only; Backbone.run_slots): x0 logits
+        [b, S, vocab] float32 for the sequences in `slots` [b]. Static shapes."""
         h = self.model.embeddings(xt)
-        h = self.model.run(h, ctx, LayerRun(causal=False, write=False, modulation=modulation))
+        h = self.model.run_slots(h, pool, slots, window, LayerRun(causal=False, write=False,
+                                                                  modulation=self._modulation(t)))  # fmt: skip
         return self.lm_head(h).float()
+
+    def mock_ar_slots(self, last: Tensor, pool: StatePool, slots: Tensor, window: int) -> Tensor:
+        """`mock_ar_step` over a state pool (read only): next-token logits [b, vocab] float32."""
+        h = self.model.embeddings(last[:, None])
+        h = self.model.run_slots(h, pool, slots, window, LayerRun(causal=True, write=False))
+        return self.lm_head(h[:, 0]).float()
 
     @torch.no_grad()
     def mock_ar_step(self, last: Tensor, ctx: ContextState) -> Tensor:

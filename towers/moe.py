@@ -68,8 +68,8 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(e, i, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
 
-    def forward(self, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
-        return kernels.moe_experts(x, idx, w, self.up_proj, self.down_proj)
+    def forward(self, x: Tensor, idx: Tensor, w: Tensor, static: bool = False) -> Tensor:
+        return kernels.moe_experts(x, idx, w, self.up_proj, self.down_proj, impl="static" if static else "auto")
 
 
 class MoE(nn.Module):
@@ -83,10 +83,11 @@ class MoE(nn.Module):
             else None
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, static: bool = False) -> Tensor:
+        """static: shapes that do not depend on the routing (kernels.moe_experts_static), for compiled steps."""
         flat = x.reshape(-1, x.shape[-1])  # [n, d]
         idx, w = self.gate(flat)
-        out = self.experts(flat, idx, w).view_as(x)
+        out = self.experts(flat, idx, w, static).view_as(x)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out

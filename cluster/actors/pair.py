@@ -29,9 +29,12 @@ class TowerPairError(TowersUnavailable):
 
 
 class TowerPair:
-    def __init__(self, model: str, cfg: PairConfig, kv_capacity: int = EngineConfig.kv_capacity,
+    def __init__(self, model: str, cfg: PairConfig, engine: EngineConfig | None = None,
                  ready_timeout_s: float = 300.0) -> None:  # fmt: skip
-        """model: a checkpoint directory every node of the pair can read."""
+        """model: a checkpoint directory every node of the pair can read; engine: sizes both towers'
+        state pools (max_num_seqs, max_model_len, max_block_size) and says whether steps compile."""
+        engine = engine or EngineConfig()
+        limits = engine.pool_limits()
         self.cfg = cfg
         self.name = f"pair-{uuid.uuid4().hex[:8]}"
         pg = get_current_placement_group()
@@ -50,10 +53,10 @@ class TowerPair:
         self.context = (
             actor_cls[ContextTowerWorker]
             .options(**place(1))
-            .remote(model, device, cfg.dtype, kv_capacity, cfg.worker_threads)
+            .remote(model, device, cfg.dtype, limits, not engine.eager, cfg.worker_threads)
         )
         self.denoiser = actor_cls[DenoiserTowerWorker].options(**place(2)).remote(
-            model, device, cfg.dtype, cfg.worker_threads)  # fmt: skip
+            model, device, cfg.dtype, limits, not engine.eager, cfg.worker_threads)  # fmt: skip
         ray.get([self.context.ping.remote(), self.denoiser.ping.remote()], timeout=ready_timeout_s)  # both loaded
         from ray.experimental.collective import create_collective_group
 

@@ -11,7 +11,7 @@ from collections import deque
 import torch
 
 from twotower.cluster.engine.loading import resolve_dtype
-from twotower.cluster.engine.runners import ContextRunner, DenoiserRunner
+from twotower.cluster.engine.runners import ContextRunner, DenoiserRunner, PoolLimits
 from twotower.towers.checkpoint import load_tower
 
 
@@ -50,12 +50,13 @@ class _Worker:
 class ContextTowerWorker(_Worker):
     role = "context"
 
-    def __init__(self, model: str, device: str = "auto", dtype: str | None = None, kv_capacity: int = 256,
+    def __init__(self, model: str, device: str = "auto", dtype: str | None = None,
+                 limits: PoolLimits | None = None, compile: bool = False,
                  threads: int | None = None) -> None:  # fmt: skip
         _threads(threads)
         self.device = _device(device)
         self.runner = ContextRunner(load_tower(model, "context", self.device, resolve_dtype(self.device, dtype)),
-                                    kv_capacity)  # fmt: skip
+                                    limits, compile)  # fmt: skip
 
     def add_rows(self, lane, prompts, sampling, mirror):
         return self.runner.add_rows(lane, prompts, sampling, mirror)
@@ -90,10 +91,13 @@ class ContextTowerWorker(_Worker):
 class DenoiserTowerWorker(_Worker):
     role = "denoiser"
 
-    def __init__(self, model: str, device: str = "auto", dtype: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, model: str, device: str = "auto", dtype: str | None = None,
+                 limits: PoolLimits | None = None, compile: bool = False,
+                 threads: int | None = None) -> None:  # fmt: skip
         _threads(threads)
         self.device = _device(device)
-        self.runner = DenoiserRunner(load_tower(model, "denoiser", self.device, resolve_dtype(self.device, dtype)))
+        tower = load_tower(model, "denoiser", self.device, resolve_dtype(self.device, dtype))
+        self.runner = DenoiserRunner(tower, limits=limits, compile=compile)  # a mirror pool of the same size
         # (bytes, seconds from send to receipt) per delta since the last take_transfers; bounded, since
         # only benchmarks drain it and a serving replica lives for days
         self.transfers: deque[tuple[int, float]] = deque(maxlen=4096)

@@ -16,12 +16,20 @@ class EngineConfig:
     max_prefills_per_step: int = 16  # new requests prefilled per engine step
     max_model_len: int = 4096  # prompt + generated tokens per request
     max_block_size: int = 64  # largest block a request may ask for
-    kv_capacity: int = 256  # initial KV positions per lane row (grows on demand)
+    eager: bool = True  # False: every tower step as one compiled graph per bucket (engine/steps.py)
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_prefills_per_step", "max_model_len", "max_block_size", "kv_capacity"):
+        for name in ("max_num_seqs", "max_prefills_per_step", "max_model_len", "max_block_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"EngineConfig.{name}: must be a positive integer (got {v!r})")
+        if not isinstance(self.eager, bool):
+            raise ValueError(f"EngineConfig.eager: must be true or false (got {self.eager!r})")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"EngineConfig.dtype: must be float32, bfloat16 or float16 (got {self.dtype!r})")
+
+    def pool_limits(self):
+        """What each tower's state pool is sized for: max_num_seqs slots of max_model_len tokens."""
+        from .runners import PoolLimits
+
+        return PoolLimits(self.max_num_seqs, self.max_model_len, self.max_block_size)

@@ -21,11 +21,11 @@ from twotower.decoding.sampler import RowSampling
 from twotower.towers.context import ContextTower
 from twotower.towers.denoiser import DenoiserTower
 
-from .runners import ContextRunner, DenoiserRunner, Sampled
+from .runners import ContextRunner, DenoiserRunner, PoolLimits, Sampled
 
 T = TypeVar("T", covariant=True)
 
-__all__ = ["Done", "Future", "InProcessExecutor", "Sampled", "TowerExecutor"]
+__all__ = ["Done", "Future", "InProcessExecutor", "PoolLimits", "Sampled", "TowerExecutor"]
 
 
 class Future(Protocol[T]):
@@ -105,16 +105,19 @@ class TowerExecutor(abc.ABC):
 
 
 class InProcessExecutor(TowerExecutor):
-    """Both towers in this process (tests, one device): the denoiser reads the context runner's lane
-    states directly, so no state moves at all."""
+    """Both towers in this process (tests, one device): the denoiser reads the context runner's state
+    pool and slot table directly, so no state moves at all. `compile`: each step as one compiled graph
+    per bucket (steps.py) instead of eagerly."""
 
-    def __init__(self, context: ContextTower, denoiser: DenoiserTower | None, kv_capacity: int = 256) -> None:
-        self.ctx = ContextRunner(context, kv_capacity)
-        self.den = DenoiserRunner(denoiser, states=self.ctx.states) if denoiser is not None else None
+    def __init__(self, context: ContextTower, denoiser: DenoiserTower | None, limits: PoolLimits | None = None,
+                 compile: bool | str = False) -> None:  # fmt: skip
+        self.ctx = ContextRunner(context, limits, compile)
+        self.den = DenoiserRunner(denoiser, context=self.ctx, compile=compile) if denoiser is not None else None
 
     @property
-    def states(self):
-        return self.ctx.states
+    def lane_slots(self) -> dict[str, list[int]]:
+        """Each live lane's pool slots, in row order."""
+        return self.ctx.table.lanes
 
     def _den(self) -> DenoiserRunner:
         if self.den is None:

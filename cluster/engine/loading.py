@@ -106,7 +106,7 @@ def load_model(path: str | Path | None, device: str = "cpu", dtype: str | None =
 
 
 def build_engine(model: LoadedModel, cfg: EngineConfig, hooks: EngineHooks | None = None) -> Engine:
-    executor = InProcessExecutor(model.context, model.denoiser, kv_capacity=cfg.kv_capacity)
+    executor = InProcessExecutor(model.context, model.denoiser, cfg.pool_limits(), compile=not cfg.eager)
     return model.files.engine(executor, cfg, hooks=hooks)
 
 

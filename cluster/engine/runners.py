@@ -1,19 +1,21 @@
-"""Tower runners: each owns one tower and runs lane operations on it (no Ray here).
+"""Tower runners: each owns one tower and runs lane operations on it, over a state pool (no Ray here).
 
-`ContextRunner` owns the context tower and the authoritative per-lane ContextState. For lanes whose
-denoiser runs elsewhere it tracks what that mirror has already received, so `take_delta` returns only
-new data: the K/V rows appended since, and the Mamba states of the rows that changed.
-`DenoiserRunner` owns the denoiser; it reads lane states from a mapping that is either the context
-runner's own (one process, one device) or its mirrors, kept current with `apply_delta`.
+A lane is a list of pool slots in row order (`SlotTable`). Admission takes free slots and prefills only
+them; `keep_rows` frees the slots of finished rows and reorders the list; no state moves for either. Every
+tower step is a static-shape step function (steps.py) run eagerly or as one compiled graph per bucket.
+Lengths are tracked on the host too, so choosing a bucket never reads the device.
 
-The in-process executor calls both directly; the Ray layer wraps each in its own actor.
+`ContextRunner` owns the context tower and the authoritative pool. For lanes whose denoiser runs
+elsewhere it tracks what that mirror holds, so `take_delta` returns only new data: the K/V rows appended
+since, and the Mamba states of the slots that changed. `DenoiserRunner` owns the denoiser; it reads the
+context runner's pool and slot table (one process) or its own mirror of them, kept current with
+`apply_delta`. The in-process executor calls both directly; the Ray layer wraps each in its own actor.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +25,12 @@ from twotower.decoding.sampler import RowSampling, sample
 from twotower.decoding.unmask import x0_predict
 from twotower.towers.context import ContextTower
 from twotower.towers.denoiser import DenoiserTower
-from twotower.towers.state import ContextState, MambaTrace, apply_delta, delta_nbytes, export_delta
+from twotower.towers.pool import StatePool, apply_slot_delta, export_slot_delta
+from twotower.towers.state import MambaState, MambaTrace
+
+from .steps import MIN_WINDOW, StepRunner, batch_bucket, window_bucket
+
+PREFILL_CHUNK = 64  # prompt tokens per row per prefill step (one static shape for any prompt length)
 
 
 @dataclass
@@ -45,6 +52,56 @@ class OpTimes:
             self.spans.append((name, t0, time.perf_counter()))
 
 
+@dataclass
+class PoolLimits:
+    """What a pool is sized for (from EngineConfig)."""
+
+    slots: int = 32  # sequences at once (max_num_seqs)
+    max_model_len: int = 4096
+    max_block_size: int = 64
+    min_window: int = MIN_WINDOW  # smallest attention window bucket (steps.window_bucket)
+
+    @property
+    def capacity(self) -> int:
+        """KV positions per slot: a sequence's whole length plus one block or prefill chunk written past
+        it (static steps write their full width; what lies past a row's length stays masked)."""
+        return self.max_model_len + 2 * max(self.max_block_size, PREFILL_CHUNK)
+
+
+class SlotTable:
+    """Which pool slots each lane's rows own, and the host's copy of every slot's length."""
+
+    def __init__(self, slots: int) -> None:
+        self.free: deque[int] = deque(range(slots))
+        self.lanes: dict[str, list[int]] = {}
+        self.length = [0] * (slots + 1)  # index `slots` is the scratch slot (always 0)
+        self.scratch = slots
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self.free):
+            raise RuntimeError(f"state pool: {n} slots asked, {len(self.free)} free (raise max_num_seqs)")
+        return [self.free.popleft() for _ in range(n)]
+
+    def release(self, slots) -> None:
+        for s in slots:
+            self.length[s] = 0
+            self.free.append(s)
+
+    def padded(self, slots: list[int], bucket: int, device) -> Tensor:
+        return torch.tensor(slots + [self.scratch] * (bucket - len(slots)), dtype=torch.long, device=device)
+
+    def window(self, slots: list[int], limits: PoolLimits) -> int:
+        longest = max((self.length[s] for s in slots), default=0)
+        return window_bucket(longest, limits.capacity, limits.min_window)
+
+
+def _pad(t: Tensor, bucket: int, value=0) -> Tensor:
+    """Rows of t padded to `bucket` with `value`."""
+    if t.shape[0] == bucket:
+        return t
+    return torch.cat([t, t.new_full((bucket - t.shape[0], *t.shape[1:]), value)])
+
+
 def _sample(logits: Tensor, sampling: RowSampling | None) -> Sampled | None:
     if sampling is None:
         return None
@@ -52,118 +109,181 @@ def _sample(logits: Tensor, sampling: RowSampling | None) -> Sampled | None:
     return Sampled(ids.cpu(), None if lp is None else lp.cpu())
 
 
-@dataclass
-class _Sync:
-    """What a lane's mirror already holds: its row count, lengths, and rows whose Mamba state changed."""
-
-    rows: int = 0
-    lengths: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-    dirty: set[int] = field(default_factory=set)
-
-
 class ContextRunner:
-    def __init__(self, tower: ContextTower, kv_capacity: int = 256) -> None:
+    def __init__(self, tower: ContextTower, limits: PoolLimits | None = None, compile: bool | str = False) -> None:
         self.tower = tower
+        self.limits = limits or PoolLimits()
         self.device = tower.lm_head.weight.device
-        self.kv_capacity = kv_capacity
-        self.states: dict[str, ContextState] = {}
-        self.mirrored: dict[str, _Sync] = {}  # lanes with a remote mirror
-        self._verify: dict[str, tuple[Tensor, dict[int, MambaTrace], Tensor]] = {}
+        self.pool = StatePool.allocate(tower.cfg, self.limits.slots, self.limits.capacity, self.device,
+                                       tower.lm_head.weight.dtype)  # fmt: skip
+        self.table = SlotTable(self.limits.slots)
+        self.steps = StepRunner(compile, self.device)
+        self.synced: dict[int, int] = {}  # slot -> length its remote mirror holds (mirrored lanes only)
+        self.dirty: set[int] = set()  # mirrored slots whose Mamba state changed since the last delta
+        self.mirrored: set[str] = set()
+        self._verify: dict[str, tuple[list[int], list[int], Tensor, tuple[Tensor, ...]]] = {}
         self.times = OpTimes()
+        self._define_steps()
 
-    def _ids(self, t: Tensor) -> Tensor:
-        return t.to(self.device, torch.long)
+    # ---- the step functions: static shapes, no host reads (compiled per key by self.steps) -----------
+    def _define_steps(self) -> None:
+        tower, pool = self.tower, self.pool
+        mamba = [i for i, s in enumerate(pool.layers) if isinstance(s, MambaState)]
 
-    def _dirty(self, lane: str, rows) -> None:
-        if lane in self.mirrored:
-            self.mirrored[lane].dirty.update(int(r) for r in rows)
+        def extend(ids, slots, n_valid, window):  # -> logits at each row's last real token [b, V]
+            hidden = tower.forward_slots(ids, pool, slots, window, n_valid)
+            last = (n_valid - 1).clamp(min=0)
+            return tower.logits(hidden[torch.arange(ids.shape[0], device=ids.device), last])
+
+        def decode(ids, slots, window):  # ids [b] -> next-token logits [b, V]
+            return tower.logits(tower.forward_slots(ids[:, None], pool, slots, window)[:, 0])
+
+        def verify(ids, slots, n_valid, window):  # -> greedy [b, S], (ssm, cols) per Mamba layer
+            traces: dict[int, MambaTrace] = {}
+            hidden = tower.forward_slots(ids, pool, slots, window, n_valid, traces=traces)
+            flat = tuple(t for i in mamba for t in (traces[i].ssm, traces[i].cols))
+            return tower.logits(hidden).argmax(-1), flat
+
+        self._extend, self._decode, self._verify_fn, self._mamba = extend, decode, verify, mamba
+
+    # ---- lane operations ---------------------------------------------------------------------------
+    def _slots(self, lane: str) -> list[int]:
+        return self.table.lanes[lane]
+
+    def _changed(self, slots) -> None:
+        self.dirty.update(s for s in slots if s in self.synced)
 
     @torch.no_grad()
     def add_rows(self, lane: str, prompts: list[list[int]], sampling: RowSampling | None,
                  mirror: bool = False) -> Sampled | None:  # fmt: skip
         t0 = time.perf_counter()
-        n = len(prompts)
-        longest = max((len(p) for p in prompts), default=0)
-        state = self.tower.new_state(n, max(self.kv_capacity, longest))
-        logits = None
-        if longest:
-            ids = torch.zeros(n, longest, dtype=torch.long)
-            for r, p in enumerate(prompts):
-                ids[r, : len(p)] = torch.tensor(p, dtype=torch.long)
-            n_valid = torch.tensor([len(p) for p in prompts], device=self.device)
-            logits = self.tower.extend(self._ids(ids), state, n_valid)
-        old = self.states.get(lane)
-        first = 0 if old is None else old.batch_size
-        self.states[lane] = state if old is None or old.batch_size == 0 else ContextState.cat([old, state])
+        new = self.table.allocate(len(prompts))
+        if new:
+            self.pool.reset(torch.tensor(new, dtype=torch.long, device=self.device))
+        self.table.lanes.setdefault(lane, []).extend(new)
         if mirror:
-            self.mirrored.setdefault(lane, _Sync())
-        self._dirty(lane, range(first, first + n))
+            self.mirrored.add(lane)
+        if lane in self.mirrored:
+            self.synced.update({s: 0 for s in new})
+            self.dirty.update(new)
+        logits = self._prefill(new, prompts) if any(prompts) else None
         self.times.record("add_rows", t0)
         if sampling is not None and logits is None:
             raise ValueError("add_rows: sampling needs non-empty prompts")
         return None if logits is None else _sample(logits, sampling)
 
+    def _prefill(self, slots: list[int], prompts: list[list[int]]) -> Tensor:
+        """Read prompts into fresh slots in chunks of PREFILL_CHUNK tokens; logits at each last token."""
+        b, P = len(slots), PREFILL_CHUNK
+        B = batch_bucket(b, self.limits.slots)
+        slot_t = self.table.padded(slots, B, self.device)
+        lens = torch.tensor([len(p) for p in prompts])
+        ids = torch.zeros(b, -(-int(lens.max()) // P) * P, dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, : len(p)] = torch.tensor(p, dtype=torch.long)
+        out = torch.zeros(b, self.tower.cfg.vocab_size, device=self.device)
+        for c in range(ids.shape[1] // P):
+            n_valid = (lens - c * P).clamp(0, P)
+            window = self.table.window(slots, self.limits)
+            logits = self.steps.run(("extend", B, window, P), self._extend, _pad(ids[:, c * P : (c + 1) * P], B)
+                                    .to(self.device), slot_t, _pad(n_valid, B).to(self.device), window)  # fmt: skip
+            ends = ((lens > c * P) & (lens <= (c + 1) * P)).nonzero().flatten()
+            out[ends.to(self.device)] = logits[ends.to(self.device)]
+            for r, s in enumerate(slots):
+                self.table.length[s] += int(n_valid[r])
+        return out
+
     def keep_rows(self, lane: str, rows: list[int]) -> None:
-        state = self.states[lane]
-        if list(rows) != list(range(state.batch_size)):
-            self.states[lane] = state.select(rows)
-        sync = self.mirrored.get(lane)
-        if sync is not None:  # the mirror applies the same keep_rows; re-index its bookkeeping
-            kept_synced = [r for r in rows if r < sync.rows]
-            sync.lengths = sync.lengths[torch.tensor(kept_synced, dtype=torch.long)] if kept_synced else \
-                sync.lengths[:0]  # fmt: skip
-            sync.dirty = {i for i, r in enumerate(rows) if r in sync.dirty}
-            sync.rows = len(kept_synced)
+        old = self._slots(lane)
+        kept = [old[i] for i in rows]
+        gone = set(old) - set(kept)
+        self.table.lanes[lane] = kept
+        self.table.release(gone)
+        for s in gone:
+            self.synced.pop(s, None)
+            self.dirty.discard(s)
 
     @torch.no_grad()
     def decode(self, lane: str, ids: Tensor, sampling: RowSampling | None) -> Sampled | None:
         t0 = time.perf_counter()
-        out = _sample(self.tower.decode(self._ids(ids), self.states[lane]), sampling)
-        self._dirty(lane, range(len(ids)))
+        slots = self._slots(lane)
+        B = batch_bucket(len(slots), self.limits.slots)
+        window = self.table.window(slots, self.limits)
+        logits = self.steps.run(("decode", B, window), self._decode, _pad(ids.long(), B).to(self.device),
+                                self.table.padded(slots, B, self.device), window)[: len(slots)]  # fmt: skip
+        for s in slots:
+            self.table.length[s] += 1
+        self._changed(slots)
         self.times.record("decode", t0)
-        return out
+        return _sample(logits, sampling)
+
+    def _block(self, kind: str, fn, lane: str, ids: Tensor, n_valid: Tensor):
+        slots = self._slots(lane)
+        B = batch_bucket(len(slots), self.limits.slots)
+        window = self.table.window(slots, self.limits)
+        out = self.steps.run((kind, B, window, ids.shape[1]), fn, _pad(ids.long(), B).to(self.device),
+                             self.table.padded(slots, B, self.device), _pad(n_valid, B).to(self.device),
+                             window)  # fmt: skip
+        base = [self.table.length[s] for s in slots]
+        for s, n in zip(slots, n_valid.tolist(), strict=True):
+            self.table.length[s] += n
+        self._changed([s for s, n in zip(slots, n_valid.tolist(), strict=True) if n > 0])
+        return slots, base, out
 
     @torch.no_grad()
     def extend(self, lane: str, ids: Tensor, n_valid: Tensor) -> None:
         t0 = time.perf_counter()
-        self.tower(self._ids(ids), self.states[lane], n_valid.to(self.device))
-        self._dirty(lane, (n_valid > 0).nonzero().flatten().tolist())
+        self._block("extend", self._extend, lane, ids, n_valid)
         self.times.record("extend", t0)
 
     @torch.no_grad()
     def verify(self, lane: str, ids: Tensor, n_valid: Tensor) -> Tensor:
         t0 = time.perf_counter()
-        logits, base, traces = self.tower.verify(self._ids(ids), self.states[lane], n_valid.to(self.device))
-        self._verify[lane] = (base, traces, n_valid)
+        slots, base, (greedy, traces) = self._block("verify", self._verify_fn, lane, ids, n_valid)
+        self._verify[lane] = (slots, base, n_valid, traces)
         self.times.record("verify", t0)
-        return logits.argmax(-1).cpu()
+        return greedy[: len(slots)].cpu()
 
+    @torch.no_grad()
     def rewind(self, lane: str, keep: Tensor) -> None:
-        base, traces, n_valid = self._verify.pop(lane)
-        self.states[lane].rewind(base, traces, keep.to(self.device))
-        self._dirty(lane, (n_valid > 0).nonzero().flatten().tolist())
+        """After verify: row r keeps the first keep[r] tokens of the block. KV by length; each Mamba
+        layer takes its traced state after keep[r] tokens."""
+        slots, base, n_valid, traces = self._verify.pop(lane)
+        b = len(slots)
+        slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
+        keep_d = keep.to(self.device)
+        self.pool.lengths[slot_t] = torch.tensor(base, device=self.device) + keep_d
+        for j, i in enumerate(self._mamba):
+            st = MambaTrace(traces[2 * j][:b], traces[2 * j + 1][:b]).state_after(keep_d)
+            self.pool.layers[i].conv[slot_t] = st.conv
+            self.pool.layers[i].ssm[slot_t] = st.ssm
+        for s, n0, k in zip(slots, base, keep.tolist(), strict=True):
+            self.table.length[s] = n0 + k
+        self._changed([s for s, n in zip(slots, n_valid.tolist(), strict=True) if n > 0])
 
     def take_delta(self, lane: str) -> dict[str, Tensor]:
-        """New data for the lane's mirror since the last call (see towers.state.export_delta), plus
-        `new_rows`: how many empty rows the mirror appends first."""
-        state, sync = self.states[lane], self.mirrored[lane]
-        new_rows = state.batch_size - sync.rows
-        since = torch.cat([sync.lengths.to(self.device),
-                           torch.zeros(new_rows, dtype=torch.long, device=self.device)])  # fmt: skip
-        rows = torch.tensor(sorted(sync.dirty), dtype=torch.long, device=self.device)
-        delta = export_delta(state, since, rows)
-        delta["new_rows"] = torch.tensor(new_rows)
-        sync.rows, sync.lengths, sync.dirty = state.batch_size, state.lengths.clone().cpu(), set()
+        """New data for the lane's mirror since the last call (towers.pool.export_slot_delta)."""
+        slots = self._slots(lane)
+        slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
+        since = torch.tensor([self.synced[s] for s in slots], dtype=torch.long, device=self.device)
+        changed = torch.tensor([s for s in slots if s in self.dirty], dtype=torch.long, device=self.device)
+        delta = export_slot_delta(self.pool, slot_t, since, changed)
+        for s in slots:
+            self.synced[s] = self.table.length[s]
+            self.dirty.discard(s)
         return delta
 
     def close_lane(self, lane: str) -> None:
-        self.states.pop(lane, None)
-        self.mirrored.pop(lane, None)
+        if lane in self.table.lanes:
+            self.keep_rows(lane, [])
+        self.table.lanes.pop(lane, None)
+        self.mirrored.discard(lane)
         self._verify.pop(lane, None)
 
     @torch.no_grad()
     def score(self, prompt: list[int], continuation: list[int]) -> list[float]:
-        """log p(continuation[j] | prompt, continuation[:j]) under the context tower, one per token."""
+        """log p(continuation[j] | prompt, continuation[:j]) under the context tower, one per token
+        (a one-off state outside the pool: scoring holds no slot)."""
         t0 = time.perf_counter()
         ids = torch.tensor([prompt + continuation], dtype=torch.long, device=self.device)
         state = self.tower.new_state(1, ids.shape[1])
@@ -175,48 +295,82 @@ class ContextRunner:
 
 
 class DenoiserRunner:
-    def __init__(self, tower: DenoiserTower, states: MutableMapping[str, ContextState] | None = None) -> None:
+    def __init__(self, tower: DenoiserTower, context: ContextRunner | None = None, limits: PoolLimits | None = None,
+                 compile: bool | str = False) -> None:  # fmt: skip
+        """context: the context runner of this process, whose pool and slot table are read directly;
+        None: a mirror pool of our own, kept current with apply_delta."""
         self.tower = tower
         self.device = tower.lm_head.weight.device
-        self.states: MutableMapping[str, ContextState] = {} if states is None else states
+        if context is not None:
+            self.limits, self.pool, self.table = context.limits, context.pool, context.table
+        else:
+            self.limits = limits or PoolLimits()
+            self.pool = StatePool.allocate(tower.cfg, self.limits.slots, self.limits.capacity, self.device,
+                                           tower.lm_head.weight.dtype)  # fmt: skip
+            self.table = SlotTable(self.limits.slots)
+        self.steps = StepRunner(compile, self.device)
         self.times = OpTimes()
+        pool = self.pool
+
+        def denoise(xt, t, slots, window):  # -> x0 logits [b, S, V]
+            return tower.denoise_slots(xt, t, pool, slots, window)
+
+        def mock_ar(ids, slots, window):  # -> next-token logits [b, V]
+            return tower.mock_ar_slots(ids, pool, slots, window)
+
+        self._denoise, self._mock_ar = denoise, mock_ar
+
+    def _run(self, kind: str, fn, lane: str, first: Tensor, *rest: Tensor):
+        slots = self.table.lanes[lane]
+        B = batch_bucket(len(slots), self.limits.slots)
+        window = self.table.window(slots, self.limits)
+        key = (kind, B, window, *first.shape[1:])
+        args = [_pad(first, B).to(self.device), *(_pad(t, B, 1.0).to(self.device) for t in rest)]
+        return self.steps.run(key, fn, *args, self.table.padded(slots, B, self.device), window)[: len(slots)]
 
     @torch.no_grad()
     def denoise(self, lane: str, xt: Tensor, t: Tensor, mask_id: int, temperature: Tensor,
                 seeds: list[int]) -> tuple[Tensor, Tensor]:  # fmt: skip
         t0 = time.perf_counter()
-        logits = self.tower.denoise(xt.to(self.device, torch.long), t.to(self.device), self.states[lane])
-        pred, conf = x0_predict(logits, mask_id, temperature.to(self.device), seeds)
+        logits = self._run("denoise", self._denoise, lane, xt.long(), t.float())
+        pred, conf = x0_predict(logits, mask_id, temperature, seeds)
         self.times.record("denoise", t0)
         return pred.cpu(), conf.cpu()
 
     @torch.no_grad()
     def mock_ar(self, lane: str, ids: Tensor, sampling: RowSampling) -> Sampled:
         t0 = time.perf_counter()
-        out = _sample(self.tower.mock_ar_step(ids.to(self.device, torch.long), self.states[lane]), sampling)
+        out = _sample(self._run("mock_ar", self._mock_ar, lane, ids.long()), sampling)
         self.times.record("mock_ar", t0)
         return out
 
-    # ---- mirror maintenance (only when the states are not shared with a ContextRunner) -----------
+    # ---- mirror maintenance (only with a pool of our own) -------------------------------------------
     def apply_delta(self, lane: str, delta: dict[str, Tensor]) -> int:
-        """Append `new_rows` empty rows, then apply the delta; returns the bytes received."""
+        """Apply a delta of the context runner's take_delta; the lane's slots become the delta's.
+        Returns the bytes received."""
         t0 = time.perf_counter()
-        new_rows = int(delta["new_rows"])
-        state = self.states.get(lane)
-        if new_rows:
-            fresh = self.tower.model.new_state(new_rows, 16)
-            state = fresh if state is None or state.batch_size == 0 else ContextState.cat([state, fresh])
-            self.states[lane] = state
-        apply_delta(state, {k: v for k, v in delta.items() if k != "new_rows"})
-        n = delta_nbytes(delta)
+        apply_slot_delta(self.pool, delta)
+        slots = delta["slots"].tolist()
+        self.table.lanes[lane] = slots
+        for s, n in zip(slots, delta["lengths"].tolist(), strict=True):
+            self.table.length[s] = n
         self.times.record("apply_delta", t0)
-        return n
+        return sum(t.numel() * t.element_size() for t in delta.values())
 
     def keep_rows(self, lane: str, rows: list[int]) -> None:
-        state = self.states.get(lane)
-        if state is not None:
-            kept = [r for r in rows if r < state.batch_size]
-            self.states[lane] = state.select(kept)
+        """Forget the dropped rows' slots: length 0 here too, so that the next owner's first delta
+        (since 0) applies."""
+        old = self.table.lanes.get(lane)
+        if old is None:
+            return
+        kept = [old[i] for i in rows if i < len(old)]
+        gone = sorted(set(old) - set(kept))
+        if gone:
+            self.pool.lengths[torch.tensor(gone, dtype=torch.long, device=self.device)] = 0
+            for s in gone:
+                self.table.length[s] = 0
+        self.table.lanes[lane] = kept
 
     def close_lane(self, lane: str) -> None:
-        self.states.pop(lane, None)
+        self.keep_rows(lane, [])
+        self.table.lanes.pop(lane, None)

@@ -52,11 +52,12 @@ class TowerPairServer:
             from twotower.cluster.actors.pair import TowerPair
             from twotower.cluster.actors.ray_executor import RayExecutor
 
-            self.pair = TowerPair(str(self.path), p, kv_capacity=self.cfg.engine.kv_capacity)
+            self.pair = TowerPair(str(self.path), p, self.cfg.engine)
             return RayExecutor(self.pair)
         self.pair = None
         m = load_model(self.path, self.cfg.engine.device, p.dtype)
-        return InProcessExecutor(m.context, m.denoiser, self.cfg.engine.kv_capacity)
+        eng = self.cfg.engine
+        return InProcessExecutor(m.context, m.denoiser, eng.pool_limits(), compile=not eng.eager)
 
     def _metrics(self):
         try:

@@ -87,7 +87,7 @@ def test_pair_equals_in_process_engine(pair, model_dir):
 
 def test_delta_bytes_match_the_formula(pair, model_dir):
     """Per committed block only new data moves: S new K/V rows per attention layer and the changed rows'
-    Mamba states (plus 4 small bookkeeping tensors)."""
+    Mamba states (plus 4 small bookkeeping tensors: slots, since, lengths [b]; changed slots)."""
     cfg = preset("tiny").replace(vocab_size=260)
     ex = RayExecutor(pair)
     lane, b, S, prompt_len = "bytes-test", 3, 8, 5
@@ -99,7 +99,7 @@ def test_delta_bytes_match_the_formula(pair, model_dir):
     n_attn, n_mamba = cfg.pattern.count("*"), cfg.pattern.count("M")
     kv_row = 2 * cfg.num_key_value_heads * cfg.head_dim * 4  # k and v, float32
     mamba_row = cfg.conv_dim * cfg.conv_kernel * 4 + cfg.mamba_num_heads * cfg.mamba_head_dim * cfg.ssm_state_size * 4
-    header = lambda changed: 8 * (b + b + changed + 1)  # since, lengths, rows, new_rows (int64)  # noqa: E731
+    header = lambda changed: 8 * (3 * b + changed)  # slots, since, lengths, changed (int64)  # noqa: E731
     assert first == b * prompt_len * n_attn * kv_row + b * n_mamba * mamba_row + header(b)
     assert ex.delta_bytes - first == 2 * S * n_attn * kv_row + 2 * n_mamba * mamba_row + header(2)
     ex.close_lane(lane)

@@ -260,7 +260,8 @@ def test_mixed_batch_equals_each_request_alone(tw, sharp):
         assert len(want) == sp.max_tokens
     # one batch: far fewer engine steps than running the requests one after another
     assert steps < sum(len(w) for w in solo)
-    assert eng.scheduler.num_running == 0 and not eng.lanes and not eng.ex.states
+    assert eng.scheduler.num_running == 0 and not eng.lanes and not eng.ex.lane_slots
+    assert len(eng.ex.ctx.table.free) == eng.ex.ctx.limits.slots  # every slot back in the pool
 
 
 @pytest.mark.parametrize("pipeline", [True, False])
@@ -360,7 +361,7 @@ class OracleDrafter(InProcessExecutor):
         b, S = xt.shape
         pred = xt.clone()
         for r in range(b):
-            state = self.states[lane].select([r])
+            state = self.ctx.pool.gather(torch.tensor([self.lane_slots[lane][r]]))
             tok = int(xt[r, 0])
             for j in range(1, S):
                 tok = int(self.ctx.tower.decode(torch.tensor([tok]), state)[0].argmax())
@@ -559,17 +560,17 @@ def test_abort_running_request_frees_it_at_once(tw):
     for _ in range(3):
         eng.step()
     key = "diffusion/S8#0"
-    assert len(eng.lanes[key]) == 2 and eng.ex.states[key].batch_size == 2
+    assert len(eng.lanes[key]) == 2 and len(eng.ex.lane_slots[key]) == 2
     assert eng.lanes[key].step_idx.tolist()[1] > 0  # inside a block
     running = eng.scheduler.num_running
     out = eng.abort(hs[1].request_id)
     assert out is not None and out.finished and out.finish_reason is FinishReason.ABORT
     assert hs[1].finished and hs[1].finish_reason is FinishReason.ABORT
     assert eng.scheduler.num_running == running - 1
-    assert eng.lanes[key].rows == [hs[0]] and eng.ex.states[key].batch_size == 1
+    assert eng.lanes[key].rows == [hs[0]] and len(eng.ex.lane_slots[key]) == 1
     assert eng.lanes[key].xt.shape[0] == 1
     eng.abort(hs[4].request_id)
-    assert eng.lanes["lossless/S4#0"].rows == [hs[3]] and eng.ex.states["lossless/S4#0"].batch_size == 1
+    assert eng.lanes["lossless/S4#0"].rows == [hs[3]] and len(eng.ex.lane_slots["lossless/S4#0"]) == 1
     assert eng.scheduler.num_running == running - 2
     got1, got4 = list(hs[1].output_ids), list(hs[4].output_ids)
     drain(eng)
@@ -577,7 +578,8 @@ def test_abort_running_request_frees_it_at_once(tw):
         assert hs[j].output_ids == solo[j]
     assert hs[1].output_ids == got1 and hs[4].output_ids == got4  # nothing more after the abort
     assert eng.abort(hs[1].request_id) is None and eng.abort("nope") is None
-    assert not eng.lanes and not eng.ex.states
+    assert not eng.lanes and not eng.ex.lane_slots
+    assert len(eng.ex.ctx.table.free) == eng.ex.ctx.limits.slots
 
 
 def test_abort_waiting_request(tw):

@@ -1,0 +1,128 @@
+"""Static-shape tower steps (engine/steps.py, runners over towers/pool.py).
+
+- Compiled steps give the eager steps' tokens in every mode, under joins and finishes mid-block and over
+  lengths that grow past several window buckets, and each (step, bucket) compiles exactly once: zero
+  recompiles and zero graph breaks, read from TorchDynamo's counters over a 200+-step serving-like run.
+  The default run captures with the "eager" backend (the same full graphs, traced in seconds); the slow
+  test runs TorchInductor on the bundled model.
+- Admission and finish write only their own slots: nothing else in the pool moves or changes.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+from torch._dynamo.utils import counters
+
+from twotower.cluster.engine.engine import Engine
+from twotower.cluster.engine.executor import InProcessExecutor, PoolLimits
+from twotower.cluster.engine.params import ModelLimits
+from twotower.cluster.engine.params import SamplingParams as P
+from twotower.cluster.engine.steps import batch_bucket, window_bucket
+from twotower.towers.config import preset
+from twotower.towers.context import ContextTower
+from twotower.towers.denoiser import DenoiserTower
+from twotower.towers.init import init_random_
+
+CFG = preset("tiny").replace(vocab_size=260)  # every layer kind: M * E -
+POOL = PoolLimits(slots=4, max_model_len=200, max_block_size=8, min_window=16)
+LIMITS = ModelLimits(260, 200, 8)
+
+
+def test_buckets():
+    assert [batch_bucket(n, 32) for n in (1, 2, 3, 5, 9, 17, 32)] == [1, 2, 4, 8, 16, 32, 32]
+    assert batch_bucket(5, 6) == 6  # the largest bucket is max_num_seqs itself
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        batch_bucket(7, 6)
+    assert [window_bucket(n, 1000, 16) for n in (0, 16, 17, 100, 600, 999)] == [16, 16, 32, 128, 1000, 1000]
+
+
+@pytest.fixture(scope="module")
+def towers():
+    return init_random_(ContextTower(CFG), seed=0), init_random_(DenoiserTower(CFG), seed=1)
+
+
+def serving_run(towers, compile) -> tuple[list[list[int]], int, InProcessExecutor]:
+    """Requests of every mode join at different steps and finish at different points of their blocks;
+    prompt lengths 3..60 and up to 130 new tokens, so windows cross 16, 32, 64 and 128."""
+    ex = InProcessExecutor(*towers, POOL, compile=compile)
+    eng = Engine(ex, LIMITS, max_num_seqs=POOL.slots)
+    rng = random.Random(0)
+    plan = [(0, "ar", 35, 130), (0, "diffusion", 5, 21), (3, "lossless", 12, 29), (6, "mock_ar", 3, 17),
+            (20, "diffusion", 60, 37), (40, "lossless", 7, 19), (60, "ar", 20, 23), (90, "mock_ar", 30, 40),
+            (130, "diffusion", 9, 75), (150, "lossless", 40, 60)]  # fmt: skip
+    reqs, steps = [], 0
+    while steps < 1000 and (plan or eng.has_unfinished()):
+        while plan and plan[0][0] <= steps:
+            _, mode, n_prompt, n_new = plan.pop(0)
+            prompt = [rng.randrange(4, 260) for _ in range(n_prompt)]
+            reqs.append(eng.add_request(prompt, P(mode=mode, max_tokens=n_new, block_size=rng.choice([4, 8]),
+                                                  steps_per_block=4, gamma=0.5, ignore_eos=True)))  # fmt: skip
+        eng.step()
+        steps += 1
+    assert all(r.finished for r in reqs)
+    return [r.output_ids for r in reqs], steps, ex
+
+
+def test_compiled_steps_equal_eager_and_compile_once(towers):
+    want, steps, _ = serving_run(towers, compile=False)
+    torch._dynamo.reset()
+    counters.clear()
+    got, steps_c, ex = serving_run(towers, compile="eager")
+    assert steps_c == steps >= 200
+    assert got == want
+    graphs = {**ex.ctx.steps.graphs, **{("den", *k): g for k, g in ex.den.steps.graphs.items()}}
+    kinds = {k[0] if k[0] != "den" else k[1] for k in graphs}
+    assert kinds == {"extend", "decode", "verify", "denoise", "mock_ar"}
+    windows = {k[2] for k in ex.ctx.steps.graphs}
+    assert {16, 32, 64, 128} <= windows, windows  # lengths grew past several buckets
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == len(graphs)  # one graph per key, no recompiles
+    for key, g in graphs.items():
+        assert len(_debug_get_cache_entry_list(g._torchdynamo_orig_callable.__code__)) == 1, key
+
+
+def test_admission_and_finish_touch_only_their_slots(towers):
+    ex = InProcessExecutor(*towers, POOL)
+    ex.add_rows("L", [[5, 6, 7, 8, 9], [10, 11, 12]], None, True)
+    ex.extend("L", torch.full((2, 4), 9), torch.tensor([4, 4]))
+    pool = ex.ctx.pool
+    first = ex.lane_slots["L"][0]
+    ptrs = [t.data_ptr() for t in pool.tensors()]
+
+    def snapshot():
+        return [t[first].clone() for t in pool.tensors()]
+
+    before = snapshot()
+    ex.add_rows("M", [[13, 14, 15]], None)  # a join in another lane
+    ex.add_rows("L", [[20, 21]], None)  # and in the same lane
+    assert all(torch.equal(x, y) for x, y in zip(before, snapshot(), strict=True))
+    second, third = ex.lane_slots["L"][1:]
+    ex.keep_rows("L", [0, 2])  # row 1 finishes
+    assert ex.lane_slots["L"] == [first, third] and second in ex.ctx.table.free
+    assert all(torch.equal(x, y) for x, y in zip(before, snapshot(), strict=True))
+    assert [t.data_ptr() for t in pool.tensors()] == ptrs  # nothing reallocated, nothing moved
+    ex.close_lane("L")
+    ex.close_lane("M")
+    assert len(ex.ctx.table.free) == POOL.slots and not ex.lane_slots
+
+
+@pytest.mark.slow
+def test_inductor_steps_equal_eager_on_the_bundled_model():
+    """TorchInductor graphs (the CPU fast path) against eager, every mode, float32, greedy."""
+    from twotower.cluster.engine.config import EngineConfig
+    from twotower.cluster.engine.loading import build_engine, load_model
+
+    model = load_model(None)
+    prompts = ["def parse_args(", "import os\nimport sys\n", "class Config:\n    def __init__(self"]
+    outs = {}
+    for eager in (True, False):
+        eng = build_engine(model, EngineConfig(max_num_seqs=4, max_model_len=512, eager=eager))
+        for mode in ("ar", "diffusion", "lossless", "mock_ar"):
+            reqs = eng.generate(prompts, P(mode=mode, max_tokens=24, ignore_eos=True))
+            outs[eager, mode] = [r.output_ids for r in reqs]
+    for mode in ("ar", "diffusion", "lossless", "mock_ar"):
+        assert outs[False, mode] == outs[True, mode], mode
