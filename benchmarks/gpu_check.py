@@ -119,10 +119,10 @@ def pair_transfer(model: str, out) -> None:
 
 def throughput(ctx, den, dev: str, out, max_tokens: int) -> None:
     from twotower.cluster.engine.engine import Engine
-    from twotower.cluster.engine.executor import InProcessExecutor
+    from twotower.cluster.engine.executor import InProcessExecutor, PoolLimits
     from twotower.cluster.engine.params import ModelLimits, SamplingParams
 
-    eng = Engine(InProcessExecutor(ctx, den), ModelLimits(ctx.cfg.vocab_size, 8192))
+    eng = Engine(InProcessExecutor(ctx, den, PoolLimits(32, 8192, 64)), ModelLimits(ctx.cfg.vocab_size, 8192))
     g = torch.Generator().manual_seed(0)
     for batch in (1, 16):
         prompts = [torch.randint(4, ctx.cfg.vocab_size, (128,), generator=g).tolist() for _ in range(batch)]
