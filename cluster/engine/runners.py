@@ -90,6 +90,14 @@ class SlotTable:
     def padded(self, slots: list[int], bucket: int, device) -> Tensor:
         return torch.tensor(slots + [self.scratch] * (bucket - len(slots)), dtype=torch.long, device=device)
 
+    def check_room(self, slots: list[int], width: int, limits: PoolLimits) -> None:
+        """A step writes `width` positions past each row's length: refuse before indexing past the pool
+        (an engine whose limits exceed the pool's would otherwise fail inside the step)."""
+        longest = max((self.length[s] for s in slots), default=0)
+        if longest + width > limits.capacity:
+            raise ValueError(f"max_model_len: a sequence would reach {longest + width} positions; this state "
+                             f"pool holds {limits.capacity} (size it from the same EngineConfig as the engine)")
+
     def window(self, slots: list[int], limits: PoolLimits) -> int:
         longest = max((self.length[s] for s in slots), default=0)
         return window_bucket(longest, limits.capacity, limits.min_window)
@@ -157,6 +165,8 @@ class ContextRunner:
     def add_rows(self, lane: str, prompts: list[list[int]], sampling: RowSampling | None,
                  mirror: bool = False) -> Sampled | None:  # fmt: skip
         t0 = time.perf_counter()
+        longest = max((len(p) for p in prompts), default=0)
+        self.table.check_room([self.table.scratch], -(-longest // PREFILL_CHUNK) * PREFILL_CHUNK, self.limits)
         new = self.table.allocate(len(prompts))
         if new:
             self.pool.reset(torch.tensor(new, dtype=torch.long, device=self.device))
@@ -207,6 +217,7 @@ class ContextRunner:
     def decode(self, lane: str, ids: Tensor, sampling: RowSampling | None) -> Sampled | None:
         t0 = time.perf_counter()
         slots = self._slots(lane)
+        self.table.check_room(slots, 1, self.limits)
         B = batch_bucket(len(slots), self.limits.slots)
         window = self.table.window(slots, self.limits)
         logits = self.steps.run(("decode", B, window), self._decode, _pad(ids.long(), B).to(self.device),
@@ -219,6 +230,7 @@ class ContextRunner:
 
     def _block(self, kind: str, fn, lane: str, ids: Tensor, n_valid: Tensor):
         slots = self._slots(lane)
+        self.table.check_room(slots, ids.shape[1], self.limits)
         B = batch_bucket(len(slots), self.limits.slots)
         window = self.table.window(slots, self.limits)
         out = self.steps.run((kind, B, window, ids.shape[1]), fn, _pad(ids.long(), B).to(self.device),

@@ -110,6 +110,13 @@ def test_admission_and_finish_touch_only_their_slots(towers):
     assert len(ex.ctx.table.free) == POOL.slots and not ex.lane_slots
 
 
+def test_a_pool_too_small_for_the_request_is_refused_by_name(towers):
+    ex = InProcessExecutor(*towers, PoolLimits(slots=2, max_model_len=16, max_block_size=4, min_window=16))
+    with pytest.raises(ValueError, match="max_model_len"):
+        ex.add_rows("L", [[5] * 200], None)  # 200 > the pool's 16 + 2 x 64 positions
+    assert len(ex.ctx.table.free) == 2 and not ex.lane_slots  # refused before taking a slot
+
+
 @pytest.mark.slow
 def test_inductor_steps_equal_eager_on_the_bundled_model():
     """TorchInductor graphs (the CPU fast path) against eager, every mode, float32, greedy."""
