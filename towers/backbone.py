@@ -132,8 +132,9 @@ class Backbone(nn.Module):
             else:
                 y = block.mixer(u)
             h = self._residual(h, y, mod)
-        if how.write:
-            pool.lengths[slots] = lengths + (how.n_valid if how.n_valid is not None else seqlen)
+        if how.write:  # padding rows (the scratch slot) stay at length 0, so their writes stay in range
+            grown = lengths + (how.n_valid if how.n_valid is not None else seqlen)
+            pool.lengths[slots] = torch.where(slots == pool.scratch, 0, grown)
         return self.norm_f(h)
 
     def run(self, h: Tensor, state: ContextState, how: LayerRun) -> Tensor:

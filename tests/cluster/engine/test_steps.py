@@ -133,3 +133,18 @@ def test_inductor_steps_equal_eager_on_the_bundled_model():
             outs[eager, mode] = [r.output_ids for r in reqs]
     for mode in ("ar", "diffusion", "lossless", "mock_ar"):
         assert outs[False, mode] == outs[True, mode], mode
+
+
+def test_padding_rows_never_advance_the_scratch_slot(towers):
+    """Padding rows write only the scratch slot; its length must stay 0, or a long-lived lane of 3 rows
+    (bucket 4) would push the scratch row's writes past the pool's capacity."""
+    ex = InProcessExecutor(*towers, POOL)
+    ex.add_rows("L", [[5, 6], [7], [8, 9, 10]], None)
+    pool = ex.ctx.pool
+    for _ in range(3):
+        ex.decode("L", torch.tensor([11, 12, 13]), None)
+    ex.extend("L", torch.full((3, 4), 9), torch.tensor([4, 2, 0]))
+    ex.verify("L", torch.full((3, 4), 9), torch.tensor([4, 4, 4]))
+    ex.rewind("L", torch.tensor([1, 2, 3]))
+    assert int(pool.lengths[pool.scratch]) == 0
+    assert pool.lengths[ex.lane_slots["L"]].tolist() == [2 + 3 + 4 + 1, 1 + 3 + 2 + 2, 3 + 3 + 0 + 3]
