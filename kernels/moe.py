@@ -86,4 +86,17 @@ def moe_experts_static(x: Tensor, topk_idx: Tensor, topk_w: Tensor, up: Tensor, 
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
         out.index_add_(0, token_of, ys.float() * topk_w.reshape(-1)[order].float()[:, None])
         return out.to(x.dtype)
+    if torch.compiler.is_compiling():
+        return moe_experts_gathered(x, topk_idx, topk_w, up, down)
     return moe_experts_ref(x, topk_idx, topk_w, up, down)
+
+
+def moe_experts_gathered(x: Tensor, topk_idx: Tensor, topk_w: Tensor, up: Tensor, down: Tensor) -> Tensor:
+    """Each token through its own k experts, indexing the stacked weights by topk_idx: the routed FLOPs
+    only, with static shapes. Compiled, the gather fuses into the reductions (no [n, k, inter, hid] copy):
+    measured on CPU at e = 8, k = 2, hid 256, inter 128, 1 thread: 143 vs 291 us for 16 tokens, 77 vs 64
+    us for 1, 866 vs 1512 us for 128 against the dense form. Eagerly it would copy the weights per token,
+    so eager steps keep the dense form."""
+    h = _relu2(torch.einsum("nh,nkih->nki", x, up[topk_idx]))
+    y = torch.einsum("nki,nkhi->nkh", h, down[topk_idx])  # [n, k, hid]
+    return (y.float() * topk_w.float()[..., None]).sum(1).to(x.dtype)

@@ -34,7 +34,8 @@ def rand(*shape, seed=0):
 
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("with_history", [True, False])
-@pytest.mark.parametrize("length,width", [(1, 4), (3, 4), (4, 4), (17, 4), (9, 2), (9, 5)])
+# lengths up to SHIFTED_SUM_MAX_LEN take the shifted multiply-add path, 200 the conv1d one
+@pytest.mark.parametrize("length,width", [(1, 4), (3, 4), (4, 4), (17, 4), (9, 2), (9, 5), (200, 4)])
 def test_sequence_conv_matches_loop(length, width, with_history, with_bias):
     x, weight = rand(2, 6, length, seed=1), rand(6, width, seed=2)
     bias = rand(6, seed=3) if with_bias else None

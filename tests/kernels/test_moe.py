@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from tests.towers.reference import route
 from twotower.kernels import moe_experts, moe_experts_ref
+from twotower.kernels.moe import moe_experts_gathered, moe_experts_static
 from twotower.towers.config import preset
 from twotower.towers.moe import TopkRouter
 
@@ -75,6 +76,28 @@ def test_experts_match_dense_reference(impl, n, k, used):
     assert got.shape == x.shape and got.dtype == x.dtype
     torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dense.double(), explicit(x, idx, w, up, down), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,k,used", CASES)
+def test_gathered_experts_match_dense_reference(n, k, used):
+    up, down = weights()
+    x = torch.randn(n, HID, generator=torch.Generator().manual_seed(n))
+    idx, w = routing(n, k, used, seed=n + k)
+    torch.testing.assert_close(moe_experts_gathered(x, idx, w, up, down), moe_experts_ref(x, idx, w, up, down),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_static_experts_compiled_take_the_gathered_form():
+    """Compiled, the static path is the gathered form (one graph, same values); eagerly the dense one."""
+    up, down = weights()
+    x = torch.randn(5, HID, generator=torch.Generator().manual_seed(5))
+    idx, w = routing(5, 2, [0, 3, 4, 7], seed=1)
+    seen = []
+    compiled = torch.compile(lambda *a: moe_experts_static(*a), fullgraph=True, dynamic=False, backend=lambda gm, _: (
+        seen.extend(str(n.target) for n in gm.graph.nodes), gm.forward)[1])  # fmt: skip
+    torch.testing.assert_close(compiled(x, idx, w, up, down), moe_experts_ref(x, idx, w, up, down),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    assert not any("scatter_add" in t for t in seen) and any("einsum" in t for t in seen), seen
 
 
 def test_auto_on_cpu_and_bad_impl():
