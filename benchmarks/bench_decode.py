@@ -16,6 +16,7 @@ import argparse
 import time
 
 import torch
+from step_costs import decode_rate, hf_generate, hf_model, step_table  # benchmarks/ is on sys.path
 
 from twotower.cluster.cli.bench_serve import PROMPTS as CODE_PROMPTS
 from twotower.cluster.engine.config import EngineConfig
@@ -71,26 +72,16 @@ def configs(args) -> list[tuple[str, SamplingParams]]:
     return out
 
 
-def aten_ops_per_call(fn) -> int:
-    """Top-level aten ops one call dispatches (ops called from inside another op are not counted)."""
-    from torch.profiler import profile
-
-    fn()
-    with torch.no_grad(), profile() as prof:
-        fn()
-    return sum(1 for e in prof.events() if e.name.startswith("aten::") and
-               (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))  # fmt: skip
-
-
 def compare_compiled(args, model, prompts) -> None:
-    """Eager against compiled steps (engine/steps.py), side by side in one run, same requests."""
+    """Eager against compiled steps (engine/steps.py), side by side in one run, same requests; then the
+    cost of each step kind, and transformers' generate on the same context tower."""
     rows = [("ar", SamplingParams(mode="ar", max_tokens=args.max_tokens, ignore_eos=True)),
             ("diffusion S=16 g=0.8", SamplingParams(mode="diffusion", block_size=16, gamma=0.8,
                                                     max_tokens=args.max_tokens, ignore_eos=True)),
             ("lossless S=16 T=1", SamplingParams(mode="lossless", block_size=16, steps_per_block=1,
                                                  max_tokens=args.max_tokens, ignore_eos=True))]  # fmt: skip
-    engines = {eager: build_engine(model, EngineConfig(max_num_seqs=max(args.batches), max_model_len=1024,
-                                                       eager=eager)) for eager in (True, False)}  # fmt: skip
+    engines = {eager: build_engine(model, EngineConfig(max_num_seqs=max(args.batches), max_model_len=1024, eager=eager,
+                                                       warmup=False)) for eager in (True, False)}  # fmt: skip
     print("| config | batch | eager tok/s | compiled tok/s | x | same tokens |")
     print("|---|---|---|---|---|---|")
     for label, params in rows:
@@ -103,15 +94,49 @@ def compare_compiled(args, model, prompts) -> None:
                 out[eager] = (sum(len(r.output_ids) for r in reqs) / secs, [r.output_ids for r in reqs])
             (te, ie), (tc, ic) = out[True], out[False]
             print(f"| {label} | {b} | {te:.1f} | {tc:.1f} | {tc / te:.2f} | {ie == ic} |")
-    ex = {eager: eng.ex for eager, eng in engines.items()}
-    compiled = {**ex[False].ctx.steps.stats.compiled, **ex[False].den.steps.stats.compiled}
+    ex = {("eager" if eager else "compiled"): eng.ex for eager, eng in engines.items()}
+    compiled = {**ex["compiled"].ctx.steps.stats.compiled, **ex["compiled"].den.steps.stats.compiled}
     print(f"\ncompile warm-up: {len(compiled)} graphs, {sum(compiled.values()):.1f} s in all "
           f"(first call of each key, this machine)")  # fmt: skip
-    for eager, e in ex.items():  # one batch-1 decode step of a fresh sequence
-        e.add_rows("ops", [[5, 6, 7]], None)
-        n = aten_ops_per_call(lambda e=e: e.decode("ops", torch.tensor([8]), None))
-        e.close_lane("ops")
-        print(f"aten ops dispatched per batch-1 decode step, {'eager' if eager else 'compiled'}: {n}")
+
+    times, ops = step_table(ex, args.batches, engines[True].mask_id)
+    print("\n| step | batch | eager ms | compiled ms | x | compiled / compiled decode |")
+    print("|---|---|---|---|---|---|")
+    for (kind, b), t in times.items():
+        ratio = t["compiled"] / times[("decode", b)]["compiled"]
+        print(f"| {kind} | {b} | {t['eager']:.2f} | {t['compiled']:.2f} | {t['eager'] / t['compiled']:.2f} | "
+              f"{ratio:.2f} |")  # fmt: skip
+    print("\naten ops dispatched per batch-1 call (eager / compiled): " +
+          ", ".join(f"{k} {ops[(k, 'eager')]} / {ops[(k, 'compiled')]}" for k, _ in
+                    sorted({(k, 0) for k, _ in ops})))  # fmt: skip
+
+    hf = hf_model(model.context.float())
+    if hf is None:
+        print("\ntransformers is not installed: no nemotron_h generate baseline")
+        return
+    prompt = engines[True].tokenizer.encode(prompts[0])
+    n = args.max_tokens
+    ours = engines[False]
+
+    def ours_gen(k: int) -> list[int]:
+        return ours.generate([prompt], SamplingParams(mode="ar", max_tokens=k, ignore_eos=True))[0].output_ids
+
+    same = hf_generate(hf, prompt, n) == ours_gen(n)
+    rows = [("end to end (prefill included)", lambda gen: n / min(_timed(gen, n) for _ in range(3))),
+            ("decode only", lambda gen: decode_rate(gen, n))]  # fmt: skip
+    print(f"\nAR batch 1 against transformers' NemotronHForCausalLM.generate, {n} greedy tokens, same tokens: {same}")
+    print("\n| measure | transformers tok/s | compiled twotower tok/s | x |")
+    print("|---|---|---|---|")
+    for label, rate in rows:
+        t_hf = rate(lambda k: hf_generate(hf, prompt, k))
+        t_us = rate(ours_gen)
+        print(f"| {label} | {t_hf:.1f} | {t_us:.1f} | {t_us / t_hf:.2f} |")
+
+
+def _timed(gen, n: int) -> float:
+    t0 = time.perf_counter()
+    gen(n)
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -135,7 +160,7 @@ def main() -> None:
         print(f"model: {name}; max_tokens {args.max_tokens}; threads {args.threads}; float32\n")
         compare_compiled(args, model, CODE_PROMPTS)
         return
-    engine = build_engine(model, EngineConfig(max_num_seqs=64))
+    engine = build_engine(model, EngineConfig(max_num_seqs=64, eager=True))
     prompts = (CODE_PROMPTS * 10)[: args.prompts]
     modes = {"1": [False], "all": [True], "both": [False, True]}[args.batch]
     run(engine, prompts[:2], SamplingParams(mode="diffusion", max_tokens=8), True)  # warm-up

@@ -10,7 +10,7 @@ hops from the bottom up (each may import only those before it):
 The public API, for running the engine in-process:
 
     from twotower.cluster import Engine, AsyncEngine, SamplingParams, EngineConfig, load_model, build_engine
-    engine = build_engine(load_model(None), EngineConfig())   # None: the bundled model
+    engine = build_engine(load_model(None), EngineConfig(eager=True))   # None: the bundled model; eager steps
 
 Resolved lazily, so that importing a sub-package (say serve.deploy, which only edits a dict) does not
 load torch.

@@ -77,6 +77,11 @@ class RayExecutor(TowerExecutor):
             self.check()
 
     # ---- TowerExecutor ---------------------------------------------------------------------------
+    def warm_up(self, block_sizes):
+        """Both towers warm up at once, each in its own actor; the pair is ready when the slower is."""
+        self._guard()
+        return max(ray.get([self.ctx.warm_up.remote(block_sizes), self.den.warm_up.remote(block_sizes)]))
+
     def add_rows(self, lane, prompts, sampling, uses_denoiser=False):
         self._guard()
         if uses_denoiser:

@@ -12,6 +12,7 @@ import torch
 
 from twotower.cluster.engine.loading import resolve_dtype
 from twotower.cluster.engine.runners import ContextRunner, DenoiserRunner, PoolLimits
+from twotower.cluster.engine.steps import warm_up
 from twotower.towers.checkpoint import load_tower
 
 
@@ -34,6 +35,10 @@ class _Worker:
         """Health check and identity."""
         return {"role": self.role, "pid": os.getpid(), "device": str(self.device),
                 "params": sum(p.numel() for p in self.runner.tower.parameters())}  # fmt: skip
+
+    def warm_up(self, block_sizes: list[int]) -> float:
+        """Compile (and on CUDA capture) this tower's start-up steps; progress goes to the actor's log."""
+        return warm_up([self.runner], block_sizes)
 
     def op_spans(self, reset: bool = True) -> list[tuple[str, float, float]]:
         """Busy intervals recorded since the last call (time.perf_counter, shared by processes of one host)."""

@@ -85,7 +85,7 @@ def in_process_throughput(model: str, n_requests: int, params) -> float:
     from twotower.cluster.engine.config import EngineConfig
     from twotower.cluster.engine.loading import build_engine, load_model
 
-    engine = build_engine(load_model(model), EngineConfig(max_num_seqs=max(64, n_requests)))
+    engine = build_engine(load_model(model), EngineConfig(max_num_seqs=max(64, n_requests), eager=True))
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n_requests)]
     engine.generate(prompts[:2], params)  # warm-up
     t0 = time.perf_counter()

@@ -49,7 +49,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
     torch_threads(a.threads)
     t0 = time.perf_counter()
     model = load_model(_model_path(a.model), a.device, a.dtype)
-    engine = build_engine(model, EngineConfig(device=a.device, dtype=a.dtype))
+    # eager unless --compile: compiling costs seconds per step kind and bucket on a CPU (warmed lazily
+    # here, since one request uses few of them)
+    engine = build_engine(model, EngineConfig(device=a.device, dtype=a.dtype, eager=not a.compile, warmup=False))
     load_s = time.perf_counter() - t0
     try:
         req = engine.add_request(a.prompt, _sampling(a))
@@ -113,7 +115,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
     torch_threads(a.threads)
     path = _model_path(a.model)
-    engine = build_engine(load_model(path), EngineConfig(max_num_seqs=max(64, a.prompts)))
+    engine = build_engine(load_model(path), EngineConfig(max_num_seqs=max(64, a.prompts), eager=True))
     prompts = ev.heldout_prompts(a.prompts, seed=a.seed)
     print(f"model {path}: {len(prompts)} held-out prompts, max_tokens {a.max_tokens}", file=sys.stderr)
     configs = ev.grid(a.block_sizes, a.gammas, a.max_tokens, tuple(a.few_steps))
@@ -187,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--dtype", default=None, choices=DTYPES, help="default: float32 on CPU, else the checkpoint's")
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     g.add_argument("--quiet", action="store_true", help="print the text at the end, not streamed")
+    g.add_argument("--compile", action="store_true", help="compiled tower steps (engine/steps.py) instead of eager")
     _add_sampling_args(g)
     g.set_defaults(fn=cmd_generate)
 

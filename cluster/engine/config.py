@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DTYPES = ("float32", "bfloat16", "float16")  # tower dtypes a config may name (None: see loading.resolve_dtype)
 
@@ -16,20 +16,34 @@ class EngineConfig:
     max_prefills_per_step: int = 16  # new requests prefilled per engine step
     max_model_len: int = 4096  # prompt + generated tokens per request
     max_block_size: int = 64  # largest block a request may ask for
-    eager: bool = True  # False: every tower step as one compiled graph per bucket (engine/steps.py)
+    # False: every tower step as one compiled graph per bucket (engine/steps.py), captured as a CUDA graph
+    # on CUDA. Serving compiles by default; `twotower generate` and tests pass eager=True.
+    eager: bool = False
+    warmup: bool = True  # compiled: build the start-up step set before serving (else each on first use)
+    # block sizes whose extend / verify / denoise steps are in the start-up set (every batch bucket, the
+    # smallest attention window); others compile the first time a request uses them
+    warmup_block_sizes: list[int] = field(default_factory=lambda: [16])
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_prefills_per_step", "max_model_len", "max_block_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"EngineConfig.{name}: must be a positive integer (got {v!r})")
-        if not isinstance(self.eager, bool):
-            raise ValueError(f"EngineConfig.eager: must be true or false (got {self.eager!r})")
+        for name in ("eager", "warmup"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"EngineConfig.{name}: must be true or false (got {getattr(self, name)!r})")
+        sizes = self.warmup_block_sizes
+        if not isinstance(sizes, (list, tuple)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= self.max_block_size for v in sizes
+        ):
+            raise ValueError(f"EngineConfig.warmup_block_sizes: must be a list of block sizes in [1, max_block_size="
+                             f"{self.max_block_size}] (got {sizes!r})")  # fmt: skip
+        self.warmup_block_sizes = list(sizes)
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"EngineConfig.dtype: must be float32, bfloat16 or float16 (got {self.dtype!r})")
 
     def pool_limits(self):
         """What each tower's state pool is sized for: max_num_seqs slots of max_model_len tokens."""
-        from .runners import PoolLimits
+        from .slots import PoolLimits
 
         return PoolLimits(self.max_num_seqs, self.max_model_len, self.max_block_size)

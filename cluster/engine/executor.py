@@ -22,6 +22,7 @@ from twotower.towers.context import ContextTower
 from twotower.towers.denoiser import DenoiserTower
 
 from .runners import ContextRunner, DenoiserRunner, PoolLimits, Sampled
+from .steps import warm_up
 
 T = TypeVar("T", covariant=True)
 
@@ -94,6 +95,11 @@ class TowerExecutor(abc.ABC):
     def score(self, prompt: list[int], continuation: list[int]) -> Future[list[float]]:
         """Context tower log-probabilities of each continuation token after the prompt (no lane)."""
 
+    def warm_up(self, block_sizes: list[int]) -> float:
+        """Compile (and on CUDA capture) the start-up step set of both towers for these block sizes, with
+        a progress bar; returns the seconds it took (0 when steps run eagerly)."""
+        return 0.0
+
     def check(self) -> None:
         """Raise if an operation that nobody waited for has failed (remote executors)."""
 
@@ -123,6 +129,9 @@ class InProcessExecutor(TowerExecutor):
         if self.den is None:
             raise RuntimeError("this executor has no denoiser tower (AR-only checkpoint)")
         return self.den
+
+    def warm_up(self, block_sizes):
+        return warm_up([r for r in (self.ctx, self.den) if r is not None], block_sizes)
 
     def add_rows(self, lane, prompts, sampling, uses_denoiser=False):
         return Done(self.ctx.add_rows(lane, prompts, sampling))

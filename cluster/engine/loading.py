@@ -76,6 +76,10 @@ class ModelFiles:
 
     def engine(self, executor: TowerExecutor, cfg: EngineConfig, micro_batches: int = 1,
                hooks: EngineHooks | None = None) -> Engine:  # fmt: skip
+        """The engine over `executor`; with compiled steps and cfg.warmup, the start-up step set is built
+        first (a progress bar on stderr)."""
+        if not cfg.eager and cfg.warmup:
+            executor.warm_up(cfg.warmup_block_sizes)
         return Engine(executor, self.limits(cfg), eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer,
                       max_num_seqs=cfg.max_num_seqs, max_prefills_per_step=cfg.max_prefills_per_step,
                       micro_batches=micro_batches, hooks=hooks)  # fmt: skip

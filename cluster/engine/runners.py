@@ -28,10 +28,10 @@ from twotower.towers.denoiser import DenoiserTower
 from twotower.towers.pool import StatePool, apply_slot_delta, export_slot_delta
 from twotower.towers.state import MambaState, MambaTrace
 
-from .steps import MIN_WINDOW, StepRunner, batch_bucket, window_bucket
+from .slots import PREFILL_CHUNK, PoolLimits, SlotTable
+from .steps import StepRunner, batch_bucket, batch_buckets, window_bucket
 
-PREFILL_CHUNK = 64  # prompt tokens per row per prefill step (one static shape for any prompt length)
-
+__all__ = ["ContextRunner", "DenoiserRunner", "PoolLimits", "Sampled", "SlotTable"]
 
 @dataclass
 class Sampled:
@@ -50,57 +50,6 @@ class OpTimes:
     def record(self, name: str, t0: float) -> None:
         if self.keep:
             self.spans.append((name, t0, time.perf_counter()))
-
-
-@dataclass
-class PoolLimits:
-    """What a pool is sized for (from EngineConfig)."""
-
-    slots: int = 32  # sequences at once (max_num_seqs)
-    max_model_len: int = 4096
-    max_block_size: int = 64
-    min_window: int = MIN_WINDOW  # smallest attention window bucket (steps.window_bucket)
-
-    @property
-    def capacity(self) -> int:
-        """KV positions per slot: a sequence's whole length plus one block or prefill chunk written past
-        it (static steps write their full width; what lies past a row's length stays masked)."""
-        return self.max_model_len + 2 * max(self.max_block_size, PREFILL_CHUNK)
-
-
-class SlotTable:
-    """Which pool slots each lane's rows own, and the host's copy of every slot's length."""
-
-    def __init__(self, slots: int) -> None:
-        self.free: deque[int] = deque(range(slots))
-        self.lanes: dict[str, list[int]] = {}
-        self.length = [0] * (slots + 1)  # index `slots` is the scratch slot (always 0)
-        self.scratch = slots
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self.free):
-            raise RuntimeError(f"state pool: {n} slots asked, {len(self.free)} free (raise max_num_seqs)")
-        return [self.free.popleft() for _ in range(n)]
-
-    def release(self, slots) -> None:
-        for s in slots:
-            self.length[s] = 0
-            self.free.append(s)
-
-    def padded(self, slots: list[int], bucket: int, device) -> Tensor:
-        return torch.tensor(slots + [self.scratch] * (bucket - len(slots)), dtype=torch.long, device=device)
-
-    def check_room(self, slots: list[int], width: int, limits: PoolLimits) -> None:
-        """A step writes `width` positions past each row's length: refuse before indexing past the pool
-        (an engine whose limits exceed the pool's would otherwise fail inside the step)."""
-        longest = max((self.length[s] for s in slots), default=0)
-        if longest + width > limits.capacity:
-            raise ValueError(f"max_model_len: a sequence would reach {longest + width} positions; this state "
-                             f"pool holds {limits.capacity} (size it from the same EngineConfig as the engine)")
-
-    def window(self, slots: list[int], limits: PoolLimits) -> int:
-        longest = max((self.length[s] for s in slots), default=0)
-        return window_bucket(longest, limits.capacity, limits.min_window)
 
 
 def _pad(t: Tensor, bucket: int, value=0) -> Tensor:
@@ -152,7 +101,31 @@ class ContextRunner:
             flat = tuple(t for i in mamba for t in (traces[i].ssm, traces[i].cols))
             return tower.logits(hidden).argmax(-1), flat
 
-        self._extend, self._decode, self._verify_fn, self._mamba = extend, decode, verify, mamba
+        self._fns = {"extend": extend, "decode": decode, "verify": verify}
+        self._mamba = mamba
+
+    def _scratch(self, kind: str, B: int, window: int, S: int | None = None) -> tuple:
+        """Arguments of the step `kind` that read and write only the scratch slot (warm-up, capture)."""
+        d = self.device
+        slots = torch.full((B,), self.table.scratch, dtype=torch.long, device=d)
+        if kind == "decode":
+            return torch.zeros(B, dtype=torch.long, device=d), slots, window
+        return (torch.zeros(B, S, dtype=torch.long, device=d), slots, torch.zeros(B, dtype=torch.long, device=d),
+                window)  # fmt: skip
+
+    def _step(self, key: tuple, *args):
+        return self.steps.run(key, self._fns[key[0]], *args, scratch=lambda: self._scratch(*key))
+
+    def warmup_plan(self, block_sizes: list[int]):
+        """(key, step, scratch args) of the start-up step set: every batch bucket at the smallest window;
+        decode, the prefill chunk, and extend + verify at each block size."""
+        window = window_bucket(0, self.limits.capacity, self.limits.min_window)
+        sizes = [S for S in block_sizes if S <= self.limits.max_block_size]
+        for B in batch_buckets(self.limits.slots):
+            keys = [("decode", B, window)] + [("extend", B, window, S) for S in sorted({PREFILL_CHUNK, *sizes})]
+            keys += [("verify", B, window, S) for S in sizes]
+            for key in keys:
+                yield key, self._fns[key[0]], (lambda key=key: self._scratch(*key))
 
     # ---- lane operations ---------------------------------------------------------------------------
     def _slots(self, lane: str) -> list[int]:
@@ -195,8 +168,8 @@ class ContextRunner:
         for c in range(ids.shape[1] // P):
             n_valid = (lens - c * P).clamp(0, P)
             window = self.table.window(slots, self.limits)
-            logits = self.steps.run(("extend", B, window, P), self._extend, _pad(ids[:, c * P : (c + 1) * P], B)
-                                    .to(self.device), slot_t, _pad(n_valid, B).to(self.device), window)  # fmt: skip
+            logits = self._step(("extend", B, window, P), _pad(ids[:, c * P : (c + 1) * P], B).to(self.device),
+                                slot_t, _pad(n_valid, B).to(self.device), window)  # fmt: skip
             ends = ((lens > c * P) & (lens <= (c + 1) * P)).nonzero().flatten()
             out[ends.to(self.device)] = logits[ends.to(self.device)]
             for r, s in enumerate(slots):
@@ -220,22 +193,21 @@ class ContextRunner:
         self.table.check_room(slots, 1, self.limits)
         B = batch_bucket(len(slots), self.limits.slots)
         window = self.table.window(slots, self.limits)
-        logits = self.steps.run(("decode", B, window), self._decode, _pad(ids.long(), B).to(self.device),
-                                self.table.padded(slots, B, self.device), window)[: len(slots)]  # fmt: skip
+        logits = self._step(("decode", B, window), _pad(ids.long(), B).to(self.device),
+                            self.table.padded(slots, B, self.device), window)[: len(slots)]  # fmt: skip
         for s in slots:
             self.table.length[s] += 1
         self._changed(slots)
         self.times.record("decode", t0)
         return _sample(logits, sampling)
 
-    def _block(self, kind: str, fn, lane: str, ids: Tensor, n_valid: Tensor):
+    def _block(self, kind: str, lane: str, ids: Tensor, n_valid: Tensor):
         slots = self._slots(lane)
         self.table.check_room(slots, ids.shape[1], self.limits)
         B = batch_bucket(len(slots), self.limits.slots)
         window = self.table.window(slots, self.limits)
-        out = self.steps.run((kind, B, window, ids.shape[1]), fn, _pad(ids.long(), B).to(self.device),
-                             self.table.padded(slots, B, self.device), _pad(n_valid, B).to(self.device),
-                             window)  # fmt: skip
+        out = self._step((kind, B, window, ids.shape[1]), _pad(ids.long(), B).to(self.device),
+                         self.table.padded(slots, B, self.device), _pad(n_valid, B).to(self.device), window)
         base = [self.table.length[s] for s in slots]
         for s, n in zip(slots, n_valid.tolist(), strict=True):
             self.table.length[s] += n
@@ -245,13 +217,15 @@ class ContextRunner:
     @torch.no_grad()
     def extend(self, lane: str, ids: Tensor, n_valid: Tensor) -> None:
         t0 = time.perf_counter()
-        self._block("extend", self._extend, lane, ids, n_valid)
+        self._block("extend", lane, ids, n_valid)
         self.times.record("extend", t0)
 
     @torch.no_grad()
     def verify(self, lane: str, ids: Tensor, n_valid: Tensor) -> Tensor:
         t0 = time.perf_counter()
-        slots, base, (greedy, traces) = self._block("verify", self._verify_fn, lane, ids, n_valid)
+        slots, base, (greedy, traces) = self._block("verify", lane, ids, n_valid)
+        if self.steps.capture:  # a captured graph's outputs are overwritten by its next replay
+            traces = tuple(t.clone() for t in traces)
         self._verify[lane] = (slots, base, n_valid, traces)
         self.times.record("verify", t0)
         return greedy[: len(slots)].cpu()
@@ -330,21 +304,40 @@ class DenoiserRunner:
         def mock_ar(ids, slots, window):  # -> next-token logits [b, V]
             return tower.mock_ar_slots(ids, pool, slots, window)
 
-        self._denoise, self._mock_ar = denoise, mock_ar
+        self._fns = {"denoise": denoise, "mock_ar": mock_ar}
 
-    def _run(self, kind: str, fn, lane: str, first: Tensor, *rest: Tensor):
+    def _scratch(self, kind: str, B: int, window: int, S: int | None = None) -> tuple:
+        d = self.device
+        slots = torch.full((B,), self.table.scratch, dtype=torch.long, device=d)
+        if kind == "mock_ar":
+            return torch.zeros(B, dtype=torch.long, device=d), slots, window
+        return torch.zeros(B, S, dtype=torch.long, device=d), torch.ones(B, device=d), slots, window
+
+    def warmup_plan(self, block_sizes: list[int]):
+        """(key, step, scratch args) of the start-up step set: every batch bucket at the smallest window;
+        mock-AR, and denoise at each block size."""
+        window = window_bucket(0, self.limits.capacity, self.limits.min_window)
+        for B in batch_buckets(self.limits.slots):
+            keys = [("mock_ar", B, window)] + [("denoise", B, window, S) for S in block_sizes
+                                                if S <= self.limits.max_block_size]  # fmt: skip
+            for key in keys:
+                yield key, self._fns[key[0]], (lambda key=key: self._scratch(*key))
+
+    def _run(self, kind: str, lane: str, first: Tensor, *rest: Tensor):
         slots = self.table.lanes[lane]
         B = batch_bucket(len(slots), self.limits.slots)
         window = self.table.window(slots, self.limits)
         key = (kind, B, window, *first.shape[1:])
         args = [_pad(first, B).to(self.device), *(_pad(t, B, 1.0).to(self.device) for t in rest)]
-        return self.steps.run(key, fn, *args, self.table.padded(slots, B, self.device), window)[: len(slots)]
+        out = self.steps.run(key, self._fns[kind], *args, self.table.padded(slots, B, self.device), window,
+                             scratch=lambda: self._scratch(*key))  # fmt: skip
+        return out[: len(slots)]
 
     @torch.no_grad()
     def denoise(self, lane: str, xt: Tensor, t: Tensor, mask_id: int, temperature: Tensor,
                 seeds: list[int]) -> tuple[Tensor, Tensor]:  # fmt: skip
         t0 = time.perf_counter()
-        logits = self._run("denoise", self._denoise, lane, xt.long(), t.float())
+        logits = self._run("denoise", lane, xt.long(), t.float())
         pred, conf = x0_predict(logits, mask_id, temperature, seeds)
         self.times.record("denoise", t0)
         return pred.cpu(), conf.cpu()
@@ -352,7 +345,7 @@ class DenoiserRunner:
     @torch.no_grad()
     def mock_ar(self, lane: str, ids: Tensor, sampling: RowSampling) -> Sampled:
         t0 = time.perf_counter()
-        out = _sample(self._run("mock_ar", self._mock_ar, lane, ids.long()), sampling)
+        out = _sample(self._run("mock_ar", lane, ids.long()), sampling)
         self.times.record("mock_ar", t0)
         return out
 

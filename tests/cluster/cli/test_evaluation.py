@@ -42,7 +42,7 @@ def test_heldout_prompts_are_cut_from_heldout_files_only():
 
 @pytest.mark.skipif(not (BUNDLED_MODEL / "config.json").is_file(), reason="no bundled model")
 def test_small_grid_on_the_bundled_model(tmp_path):
-    engine = build_engine(load_model(BUNDLED_MODEL), EngineConfig())
+    engine = build_engine(load_model(BUNDLED_MODEL), EngineConfig(eager=True))
     prompts = ev.heldout_prompts(3, seed=1)
     rows = ev.evaluate(engine, prompts, ev.grid([4], [0.8], 8, few_steps=(2, 4)), speed_prompts=1,
                        log=lambda m: None)  # fmt: skip

@@ -16,7 +16,7 @@ PROMPTS = ["def parse_args(", "import os\nimport sys\n\n\ndef main():\n", "class
 
 @pytest.fixture(scope="module")
 def engine():
-    return build_engine(load_model(BUNDLED_MODEL), EngineConfig())
+    return build_engine(load_model(BUNDLED_MODEL), EngineConfig(eager=True))
 
 
 def test_every_mode_generates_text(engine):

@@ -127,7 +127,8 @@ def test_inductor_steps_equal_eager_on_the_bundled_model():
     prompts = ["def parse_args(", "import os\nimport sys\n", "class Config:\n    def __init__(self"]
     outs = {}
     for eager in (True, False):
-        eng = build_engine(model, EngineConfig(max_num_seqs=4, max_model_len=512, eager=eager))
+        eng = build_engine(model, EngineConfig(max_num_seqs=4, max_model_len=512, eager=eager,
+                                                    warmup=False))
         for mode in ("ar", "diffusion", "lossless", "mock_ar"):
             reqs = eng.generate(prompts, P(mode=mode, max_tokens=24, ignore_eos=True))
             outs[eager, mode] = [r.output_ids for r in reqs]
@@ -148,3 +149,44 @@ def test_padding_rows_never_advance_the_scratch_slot(towers):
     ex.rewind("L", torch.tensor([1, 2, 3]))
     assert int(pool.lengths[pool.scratch]) == 0
     assert pool.lengths[ex.lane_slots["L"]].tolist() == [2 + 3 + 4 + 1, 1 + 3 + 2 + 2, 3 + 3 + 0 + 3]
+
+
+def test_warm_up_builds_the_start_up_set_on_scratch_only(towers, capsys):
+    """Warm-up compiles every batch bucket of every step kind at the block sizes asked, touching no real
+    slot; a serving run inside that set then compiles nothing new."""
+    limits = PoolLimits(slots=4, max_model_len=100, max_block_size=8, min_window=128)
+    ex = InProcessExecutor(*towers, limits, compile="eager")
+    ex.add_rows("live", [[5, 6, 7]], None)  # a sequence in flight must not be touched
+    live = ex.lane_slots["live"][0]
+    before = [t[live].clone() for t in ex.ctx.pool.tensors()]
+    secs = ex.warm_up([4])
+    keys = set(ex.ctx.steps.graphs) | set(ex.den.steps.graphs)
+    B, W = (1, 2, 4), 128
+    assert keys == {(k, b, W, *s) for b in B for k, s in [("decode", ()), ("extend", (64,)), ("extend", (4,)),
+                    ("verify", (4,)), ("mock_ar", ()), ("denoise", (4,))]}  # fmt: skip
+    assert all(torch.equal(x, t[live]) for x, t in zip(before, ex.ctx.pool.tensors(), strict=True))
+    assert int(ex.ctx.pool.lengths[ex.ctx.pool.scratch]) == 0 and secs > 0
+    err = capsys.readouterr().err
+    n = len(keys) - 1  # the live row's prefill already built ("extend", 1, 128, 64)
+    assert "compiling tower steps" in err and f"{n}/{n}" in err
+    eng = Engine(ex, LIMITS, max_num_seqs=limits.slots)
+    for mode in ("ar", "diffusion", "lossless", "mock_ar"):
+        eng.generate([[9, 10, 11], [12, 13]], P(mode=mode, max_tokens=9, block_size=4, ignore_eos=True))
+    assert set(ex.ctx.steps.graphs) | set(ex.den.steps.graphs) == keys
+    assert ex.warm_up([4]) == 0.0  # nothing left to build
+
+
+@pytest.mark.cuda
+def test_captured_steps_equal_eager_on_cuda(towers):
+    """CUDA graphs over the compiled steps replay the eager steps' tokens (run by benchmarks/gpu_check.py)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    cuda = tuple(t.cuda() for t in towers)
+    outs = {}
+    for compile in (False, True):
+        ex = InProcessExecutor(*cuda, POOL, compile=compile)
+        assert ex.ctx.steps.capture == bool(compile)
+        eng = Engine(ex, LIMITS, max_num_seqs=POOL.slots)
+        outs[compile] = [[r.output_ids for r in eng.generate([[5, 6, 7], [8, 9]], P(mode=m, max_tokens=20,
+                          block_size=4, ignore_eos=True))] for m in ("ar", "diffusion", "lossless", "mock_ar")]
+    assert outs[True] == outs[False]

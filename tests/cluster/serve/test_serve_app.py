@@ -75,7 +75,7 @@ def cluster(model_dir):
              _metrics_export_port=metrics_port, log_to_driver=False)  # fmt: skip
     cfg = ServeConfig.from_dict({
         "model": str(model_dir), "app_name": APP, "http_port": _free_port(), "grpc_port": _free_port(),
-        "engine": {"max_model_len": 512, "max_num_seqs": 16},
+        "engine": {"max_model_len": 512, "max_num_seqs": 16, "eager": True},
         "pair": {"replica_cpus": 0.1, "micro_batches": 1},
         "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
                         "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 2},
