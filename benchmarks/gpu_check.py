@@ -5,7 +5,10 @@
   2. kernels on the GPU against their PyTorch references (SSD scan, attention, MoE dispatch);
   3. state transfer: with 2+ GPUs a tower pair on local Ray over NCCL; with 1 GPU the same-device
      path (delta export + apply on one device) — bytes, ms and GB/s per block;
-  4. tokens/s of AR, diffusion and lossless on a mid-size random config (preset "small", bf16).
+  4. our Triton kernels against their twins and against mamba-ssm (benchmarks/kernel_check.py);
+  5. eager against CUDA-graph-captured tower steps, per step kind and batch bucket, and token-identical
+     greedy output of the two in every mode;
+  6. tokens/s of every mode, eager and captured, on a mid-size random config (preset "small", bf16).
 
     python benchmarks/gpu_check.py [--device cuda] [--out docs/results/gpu_check.txt]
 
@@ -66,27 +69,25 @@ def check_kernels(dev: str, out) -> None:
     log(f"kernels: moe_experts vs dense ref max|d| {float(d.abs().max()):.2e} (bf16)", out)
 
 
-def same_device_transfer(ctx, dev: str, out) -> None:
-    from twotower.towers.state import ContextState, apply_delta, delta_nbytes, export_delta
+def same_device_transfer(ctx, den, dev: str, out) -> None:
+    """The state delta of one committed block, context pool -> a denoiser mirror pool on the same device."""
+    from twotower.cluster.engine.runners import ContextRunner, DenoiserRunner, PoolLimits
 
-    cfg = ctx.cfg
     b, prompt, S = 8, 512, 16
-    ids = torch.randint(4, cfg.vocab_size, (b, prompt + S), device=dev)
-    state, _ = ctx.prefill(ids[:, :prompt])
-    mirror = ContextState.from_flat({k: v.clone() for k, v in state.to_flat().items()}, len(state.layers))
+    limits = PoolLimits(b, 2048, 64)
+    src, dst = ContextRunner(ctx, limits), DenoiserRunner(den, limits=limits)
+    g = torch.Generator().manual_seed(0)
+    src.add_rows("x", [torch.randint(4, ctx.cfg.vocab_size, (prompt,), generator=g).tolist() for _ in range(b)],
+                 None, mirror=True)  # fmt: skip
+    dst.apply_delta("x", src.take_delta("x"))
     times, sizes = [], []
     for _ in range(5):
-        m = mirror.clone()
-        st = state.clone()
-        since = st.lengths.clone()
-        ctx.extend(ids[:, prompt:], st)
+        src.extend("x", torch.full((b, S), 7), torch.full((b,), S))
         sync(dev)
         t0 = time.perf_counter()
-        delta = export_delta(st, since)
-        apply_delta(m, delta)
+        sizes.append(dst.apply_delta("x", src.take_delta("x")))
         sync(dev)
         times.append(time.perf_counter() - t0)
-        sizes.append(delta_nbytes(delta))
     t = sorted(times)[len(times) // 2]
     log(f"transfer (same device): {sizes[0] / 2**20:.2f} MiB per block of {S} x {b} rows, "
         f"{1000 * t:.2f} ms, {sizes[0] / t / 1e9:.2f} GB/s", out)  # fmt: skip
@@ -117,29 +118,61 @@ def pair_transfer(model: str, out) -> None:
     ray.shutdown()
 
 
-def throughput(ctx, den, dev: str, out, max_tokens: int) -> None:
+def engines(ctx, den, dev: str, compile: bool | str):
     from twotower.cluster.engine.engine import Engine
     from twotower.cluster.engine.executor import InProcessExecutor, PoolLimits
-    from twotower.cluster.engine.params import ModelLimits, SamplingParams
+    from twotower.cluster.engine.params import ModelLimits
 
-    eng = Engine(InProcessExecutor(ctx, den, PoolLimits(32, 8192, 64)), ModelLimits(ctx.cfg.vocab_size, 8192))
+    ex = InProcessExecutor(ctx, den, PoolLimits(32, 8192, 64), compile=compile)
+    return ex, Engine(ex, ModelLimits(ctx.cfg.vocab_size, 8192))
+
+
+def captured_steps(ctx, den, dev: str, out) -> dict:
+    """Eager against captured steps (the "eager" Dynamo backend under CUDA graphs: capture in seconds;
+    Inductor's kernels are not in this figure), per step kind and bucket; same greedy tokens in every mode."""
+    from step_costs import step_table
+
+    from twotower.cluster.engine.params import SamplingParams
+
+    built = {label: engines(ctx, den, dev, c) for label, c in (("eager", False), ("captured", "eager"))}
+    t0 = time.perf_counter()
+    times, _ = step_table({k: ex for k, (ex, _) in built.items()}, [1, 8, 32], 3, reps=10, count_ops=False)
+    log(f"\nsteps: eager vs captured ms (built in {time.perf_counter() - t0:.1f} s)", out)
+    log("| step | batch | eager ms | captured ms | x |\n|---|---|---|---|---|", out)
+    for (kind, b), t in times.items():
+        log(f"| {kind} | {b} | {t['eager']:.3f} | {t['captured']:.3f} | {t['eager'] / t['captured']:.2f} |", out)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(4, ctx.cfg.vocab_size, (40,), generator=g).tolist() for _ in range(3)]
+    for mode in ("ar", "diffusion", "lossless", "mock_ar"):
+        sp = SamplingParams(mode=mode, max_tokens=24, ignore_eos=True, block_size=16, gamma=0.8)
+        got = {k: [r.output_ids for r in eng.generate(prompts, sp)] for k, (_, eng) in built.items()}
+        log(f"steps: {mode} captured tokens == eager tokens: {got['captured'] == got['eager']}", out)
+    return {k: eng for k, (_, eng) in built.items()}
+
+
+def throughput(engs: dict, ctx, dev: str, out, max_tokens: int) -> None:
+    from twotower.cluster.engine.params import SamplingParams
+
     g = torch.Generator().manual_seed(0)
     for batch in (1, 16):
         prompts = [torch.randint(4, ctx.cfg.vocab_size, (128,), generator=g).tolist() for _ in range(batch)]
-        for mode, extra in (("ar", {}), ("diffusion", {"gamma": 0.8}), ("lossless", {})):
+        for mode, extra in (("ar", {}), ("diffusion", {"gamma": 0.8}), ("lossless", {}), ("mock_ar", {})):
             # random weights draft ~1 token per verify: keep lossless short
             n = max_tokens if mode != "lossless" else max_tokens // 4
             sp = SamplingParams(mode=mode, max_tokens=n, ignore_eos=True, block_size=16, **extra)
-            eng.generate(prompts[:1], SamplingParams(mode=mode, max_tokens=16, ignore_eos=True))  # warm-up
-            sync(dev)
-            t0 = time.perf_counter()
-            reqs = eng.generate(prompts, sp)
-            sync(dev)
-            dt = time.perf_counter() - t0
-            toks = sum(len(r.output_ids) for r in reqs)
-            den_f = sum(r.usage.denoiser_forwards for r in reqs)
-            log(f"throughput: batch {batch:2d} {mode:9s} {toks / dt:9.1f} tok/s  "
-                f"tokens/denoiser-forward {toks / den_f if den_f else 0:.2f}", out)  # fmt: skip
+            row = []
+            for label, eng in engs.items():
+                eng.generate(prompts, sp)  # warm-up: builds (compiles, captures) every step key the run needs
+                sync(dev)
+                t0 = time.perf_counter()
+                reqs = eng.generate(prompts, sp)
+                sync(dev)
+                dt = time.perf_counter() - t0
+                toks = sum(len(r.output_ids) for r in reqs)
+                den_f = sum(r.usage.denoiser_forwards for r in reqs)
+                row.append(f"{label} {toks / dt:9.1f} tok/s")
+            log(f"throughput: batch {batch:2d} {mode:9s} " + "  ".join(row) +
+                f"  tokens/denoiser-forward {toks / den_f if den_f else 0:.2f}", out)  # fmt: skip
 
 
 def main() -> None:
@@ -181,7 +214,7 @@ def main() -> None:
     n = sum(p.numel() for p in ctx.parameters())
     log(f"model: preset {a.preset} ({cfg.pattern}, hidden {cfg.hidden_size}), {n / 1e6:.1f}M params per tower, "
         f"{a.dtype} on {dev}", out)  # fmt: skip
-    same_device_transfer(ctx, dev, out)
+    same_device_transfer(ctx, den, dev, out)
     if n_gpu >= 2:
         import tempfile
 
@@ -190,7 +223,11 @@ def main() -> None:
         path = os.path.join(tempfile.mkdtemp(), "m")
         save_twotower(path, ctx, den)
         pair_transfer(path, out)
-    throughput(ctx, den, dev, out, a.max_tokens)
+    import kernel_check  # benchmarks/ is on sys.path (the script's directory)
+
+    kernel_check.run(dev, log=lambda m: log(m, out), budget_s=90.0)
+    engs = captured_steps(ctx, den, dev, out)  # on CPU: traced graphs, not captured (checks the script)
+    throughput(engs, ctx, dev, out, a.max_tokens)
     log(f"total {time.perf_counter() - t0:.1f} s", out)
 
 

@@ -30,13 +30,15 @@ def aten_ops_per_call(fn) -> int:
                (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))  # fmt: skip
 
 
-def _median_ms(fn, reps: int) -> float:
+def _median_ms(fn, reps: int, sync=lambda: None) -> float:
     fn()
     fn()
     times = []
     for _ in range(reps):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
 
@@ -71,18 +73,21 @@ def _greedy(batch: int):
     return RowSampling(temperature=[0.0] * batch, top_k=[0] * batch, top_p=[1.0] * batch, seeds=[0] * batch)
 
 
-def step_table(executors: dict[str, InProcessExecutor], batches: list[int], mask_id: int, reps: int = 20):
-    """{(kind, batch): {label: ms}} and {(kind, label): ops at batch 1} for each executor."""
+def step_table(executors: dict[str, InProcessExecutor], batches: list[int], mask_id: int, reps: int = 20,
+               count_ops: bool = True):  # fmt: skip
+    """{(kind, batch): {label: ms}} and {(kind, label): ops at the first batch} for each executor (on CUDA
+    each timed call is synchronised)."""
     times: dict[tuple[str, int], dict[str, float]] = {}
     ops: dict[tuple[str, str], int] = {}
     for label, ex in executors.items():
         for b in batches:
             lane = f"steps{b}"
             ex.add_rows(lane, [PROMPT] * b, None)
+            sync = torch.cuda.synchronize if ex.ctx.device.type == "cuda" else (lambda: None)
             for kind, fn in step_calls(ex, lane, b, mask_id).items():
                 with torch.no_grad():
-                    times.setdefault((kind, b), {})[label] = _median_ms(fn, reps)
-                if b == batches[0]:
+                    times.setdefault((kind, b), {})[label] = _median_ms(fn, reps, sync)
+                if count_ops and b == batches[0]:
                     ops[(kind, label)] = aten_ops_per_call(fn)
             ex.close_lane(lane)
     return times, ops

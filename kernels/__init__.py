@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .attention import attention as attention_sdpa
-from .attention import attention_ref, key_mask
+from .attention import attention_ref, key_mask, kvcache_attention_ref
 from .conv1d import causal_conv1d_ref, causal_conv1d_update_ref, conv_state_after
 from .mamba_step import mamba_decode_step_ref
 from .moe import moe_experts, moe_experts_ref
@@ -24,7 +24,8 @@ __all__ = [
     "attention", "attention_ref", "key_mask", "causal_conv1d", "causal_conv1d_ref", "causal_conv1d_update",
     "causal_conv1d_update_ref", "conv_state_after", "moe_experts", "moe_experts_ref", "ssd_scan",
     "ssd_scan_ref", "ssd_step", "ssd_step_ref", "ssd_recurrence_ref", "use_reference", "fast_paths",
-    "ssd_block_scan", "ssd_block_scan_ref", "mamba_decode_step", "mamba_decode_step_ref",
+    "ssd_block_scan", "ssd_block_scan_ref", "mamba_decode_step", "mamba_decode_step_ref", "MAX_BLOCK_LEN",
+    "kvcache_attention", "kvcache_attention_ref",
 ]  # fmt: skip
 
 _FORCE_REF = False
@@ -134,6 +135,19 @@ def attention(q, k, v, mask):
         if mod is not None:
             return mod.flash_attn_func(q, k, v, causal=False)
     return attention_sdpa(q, k, v, mask)
+
+
+def kvcache_attention(q, k, v, k_cache, v_cache, lengths, slots, window, causal, write):
+    """Attention of a chunk over a KV pool (see `kvcache_attention_ref`). On CUDA in half precision with
+    flash-attn: `flash_attn_with_kvcache`, which reads each row's pool slot up to its length directly
+    (window unused) and stores the chunk's K/V at [length, length + l) of the slot even without `write`:
+    positions past a slot's length are never read, so that store only costs bandwidth."""
+    if q.dtype in (torch.float16, torch.bfloat16) and k_cache.dtype == q.dtype:
+        mod = _fast(q, "flash_attn")
+        if mod is not None:
+            return mod.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=lengths.to(torch.int32),
+                                               cache_batch_idx=slots.to(torch.int32), causal=causal)  # fmt: skip
+    return kvcache_attention_ref(q, k, v, k_cache, v_cache, lengths, slots, window, causal, write)
 
 
 def causal_conv1d(x, weight, bias, history):

@@ -53,3 +53,22 @@ def key_mask(lengths: Tensor, ctx_len: int, n_new: int, causal: bool) -> Tensor:
     else:
         blk = torch.ones(n_new, n_new, dtype=torch.bool, device=dev)
     return torch.cat([ctx_ok, blk[None].expand(lengths.shape[0], -1, -1)], dim=-1)
+
+
+def kvcache_attention_ref(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
+                          slots: Tensor, window: int, causal: bool, write: bool) -> Tensor:  # fmt: skip
+    """A chunk's attention over a KV pool, static shapes.
+
+    q [b, l, hq, d]; k, v [b, l, hkv, d] (the chunk's own keys); k_cache, v_cache [slots, capacity, hkv, d]
+    the pool; lengths [b] cached positions of each row; slots [b] each row's pool slot; window: cached
+    positions read per row (>= every length; the rest is masked). Keys are [slot's first `window`
+    positions || the chunk], masked as `key_mask`. With `write` the chunk's K/V are stored at positions
+    [length, length + l) of each slot. Returns [b, l, hq, d]."""
+    keys = torch.cat([k_cache[slots, :window], k.to(k_cache.dtype)], dim=1)
+    vals = torch.cat([v_cache[slots, :window], v.to(v_cache.dtype)], dim=1)
+    out = attention(q, keys.to(q.dtype), vals.to(q.dtype), key_mask(lengths, window, q.shape[1], causal))
+    if write:
+        pos = lengths[:, None] + torch.arange(q.shape[1], device=q.device)[None, :]  # [b, l]
+        k_cache[slots[:, None], pos] = k.to(k_cache.dtype)
+        v_cache[slots[:, None], pos] = v.to(v_cache.dtype)
+    return out

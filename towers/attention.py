@@ -62,22 +62,21 @@ class Attention(nn.Module):
             cache.v[rows, pos] = v.to(cache.v.dtype)
         return self.o_proj(out.reshape(bsz, seqlen, self.hq * self.hd))
 
-    def forward_window(
+    def forward_slots(
         self,
         u: Tensor,  # [b, l, hidden]
-        k_ctx: Tensor,  # [b, W, hkv, d]: a fixed window of each row's cached keys (a pool gather)
-        v_ctx: Tensor,
-        lengths: Tensor,  # [b] valid cached positions per row (<= W); the rest of the window is masked
+        cache: AttentionState,  # this layer's pool: k, v [slots, capacity, hkv, d]
+        lengths: Tensor,  # [b] valid cached positions per row
+        slots: Tensor,  # [b] each row's pool slot
+        window: int,  # cached positions read per row (>= every length; static)
         causal: bool,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Static-shape form of `forward` (no Python ints from tensors, no cache write): returns the
-        output [b, l, hidden] and this chunk's keys and values [b, l, hkv, d] for the caller to store."""
+        write: bool,
+    ) -> Tensor:
+        """Static-shape form of `forward` over a state pool (kernels.kvcache_attention): no Python ints
+        from tensors; with `write` the chunk's K/V are stored at each row's length."""
         bsz, seqlen, _ = u.shape
         q = self.q_proj(u).view(bsz, seqlen, self.hq, self.hd)
         k = self.k_proj(u).view(bsz, seqlen, self.hkv, self.hd)
         v = self.v_proj(u).view(bsz, seqlen, self.hkv, self.hd)
-        keys = torch.cat([k_ctx, k.to(k_ctx.dtype)], dim=1)
-        vals = torch.cat([v_ctx, v.to(v_ctx.dtype)], dim=1)
-        mask = kernels.key_mask(lengths, k_ctx.shape[1], seqlen, causal)
-        out = kernels.attention(q, keys.to(q.dtype), vals.to(q.dtype), mask)
-        return self.o_proj(out.reshape(bsz, seqlen, self.hq * self.hd)), k, v
+        out = kernels.kvcache_attention(q, k, v, cache.k, cache.v, lengths, slots, window, causal, write)
+        return self.o_proj(out.reshape(bsz, seqlen, self.hq * self.hd))

@@ -104,29 +104,19 @@ class Backbone(nn.Module):
         value is read back to the host, so the pass compiles to one graph and replays as one CUDA graph.
         With how.write the slots advance by the input (lengths included); K/V rows past a row's n_valid
         are written too but lie past its new length, so they stay masked until overwritten."""
-        bsz, seqlen, _ = h.shape
+        seqlen = h.shape[1]
         lengths = pool.lengths[slots]
-        step_inplace = how.write and seqlen == 1 and how.n_valid is None
         for i, block in enumerate(self.layers):
             mod = how.modulation(i) if how.modulation is not None else None
             u = self._input(block, h, mod)
             st = pool.layers[i]
             if block.kind == MAMBA:
                 tr: list[MambaTrace] | None = [] if how.traces is not None else None
-                y, new = block.mixer(u, MambaState(st.conv[slots], st.ssm[slots]), n_valid=how.n_valid,
-                                     inplace=step_inplace, trace=tr)  # fmt: skip
+                y = block.mixer.forward_slots(u, st, slots, how.n_valid, how.write, tr)
                 if tr:
                     how.traces[i] = tr[0]
-                if how.write:
-                    st.conv[slots] = new.conv
-                    st.ssm[slots] = new.ssm
             elif block.kind == ATTENTION:
-                y, k, v = block.mixer.forward_window(u, st.k[slots, :window], st.v[slots, :window], lengths,
-                                                     how.causal)  # fmt: skip
-                if how.write:
-                    pos = lengths[:, None] + torch.arange(seqlen, device=h.device)[None, :]  # [b, l]
-                    st.k[slots[:, None], pos] = k.to(st.k.dtype)
-                    st.v[slots[:, None], pos] = v.to(st.v.dtype)
+                y = block.mixer.forward_slots(u, st, lengths, slots, window, how.causal, how.write)
             elif block.kind == MOE:
                 y = block.mixer(u, static=True)
             else:

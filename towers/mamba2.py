@@ -105,3 +105,53 @@ class Mamba2Mixer(nn.Module):
             y = y.reshape(bsz, seqlen, self.d_inner)
         out = self.out_proj(self.norm(y.to(u.dtype), z))
         return out, MambaState(conv_state.to(state.conv.dtype), ssm.to(state.ssm.dtype))
+
+    def forward_slots(
+        self,
+        u: Tensor,  # [b, l, d]
+        pool: MambaState,  # this layer's pool rows: conv [slots, conv_dim, k], ssm [slots, h, p, n]
+        slots: Tensor,  # [b] pool row of each batch row (padding rows: the scratch slot)
+        n_valid: Tensor | None,
+        write: bool,
+        trace: list[MambaTrace] | None = None,
+    ) -> Tensor:
+        """`forward` over a state pool: row r starts from pool row slots[r]; with `write` the states after
+        the input are stored back there in place. A decode token is one fused step (conv update +
+        selective state update) on the pool rows; a block of <= 64 tokens is one seeded block scan that
+        reads and writes the pool rows directly (kernels.ssd_block_scan). Only the small conv history is
+        gathered. Longer inputs take `forward` on gathered copies."""
+        bsz, seqlen, _ = u.shape
+        if seqlen > kernels.MAX_BLOCK_LEN:
+            out, new = self.forward(u, MambaState(pool.conv[slots], pool.ssm[slots]), n_valid, trace=trace)
+            if write:
+                pool.conv[slots], pool.ssm[slots] = new.conv, new.ssm
+            return out
+        z, xBC, dt_raw = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        weight = self.conv1d.weight[:, 0, :]  # [conv_dim, k]
+        A = -torch.exp(self.A_log.float())
+        dt = self._dt(dt_raw)  # [b, l, h] float32
+        gn = self.ngroups * self.dstate
+        if seqlen == 1 and n_valid is None and write and trace is None:
+            y = kernels.mamba_decode_step(xBC[:, 0], pool.conv, weight, self.conv1d.bias, dt[:, 0], A, self.D,
+                                          pool.ssm, state_slots=slots)  # fmt: skip
+        else:
+            conv0 = pool.conv[slots]  # [b, conv_dim, k] gathered: the conv history and, traced, the rollback
+            ssm0 = pool.ssm[slots] if trace is not None else None
+            xBC_t = xBC.transpose(1, 2)  # [b, conv_dim, l]
+            conv_out = kernels.causal_conv1d(xBC_t, weight, self.conv1d.bias, history=conv0[..., 1:])
+            x, B, C = torch.split(F.silu(conv_out.transpose(1, 2)), [self.d_inner, gn, gn], dim=-1)
+            if n_valid is not None:  # dt = 0 past a row's tokens: its state stops there
+                dt = dt * (torch.arange(seqlen, device=u.device)[None, :] < n_valid[:, None])[..., None]
+            y, ssm = kernels.ssd_block_scan(
+                x.reshape(bsz, seqlen, self.nheads, self.hdim), dt, A,
+                B.reshape(bsz, seqlen, self.ngroups, self.dstate), C.reshape(bsz, seqlen, self.ngroups, self.dstate),
+                self.D, pool.ssm, state_slots=slots, out_state=pool.ssm if write else None,
+                return_all_states=trace is not None,
+            )  # fmt: skip
+            if write:
+                pool.conv[slots] = kernels.conv_state_after(conv0, xBC_t, n_valid).to(pool.conv.dtype)
+            if trace is not None:  # ssm: [b, l, h, p, n], the state after each position
+                ssm_all = torch.cat([ssm0.float()[:, None], ssm], dim=1).to(pool.ssm.dtype)
+                trace.append(MambaTrace(ssm_all, torch.cat([conv0, xBC_t.to(conv0.dtype)], dim=-1)))
+        y = y.reshape(bsz, seqlen, self.d_inner)
+        return self.out_proj(self.norm(y.to(u.dtype), z))
