@@ -32,7 +32,9 @@ def sample(logits: Tensor, rs: RowSampling) -> tuple[Tensor, Tensor | None]:
     for r, temp in enumerate(rs.temperature):
         if temp <= 0:
             continue
-        row = logits[r] / temp
+        # float64, shifted so the top logit is 0: the softmax is finite for any temp > 0 (1e-300 included;
+        # in float32 such a temperature would round to 0 and the top logit to 0 / 0)
+        row = (logits[r].double() - logits[r].max()) / temp
         if rs.top_k[r] > 0:
             kth = torch.topk(row, min(rs.top_k[r], row.shape[-1])).values[-1]
             row = row.masked_fill(row < kth, float("-inf"))

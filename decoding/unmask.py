@@ -46,10 +46,12 @@ def x0_predict(
         if seeds is None:
             raise ValueError("x0_predict: seeds are required when sampling")
         rows = hot.nonzero().flatten()
-        temp = temperature.cpu()[rows].float().to(logits.device)[:, None, None]
+        temp = temperature.cpu()[rows].double().to(logits.device)[:, None, None]
         idx = rows.to(logits.device)
         noise = gumbel_noise(tuple(logits[idx].shape), [seeds[i] for i in rows.tolist()], logits.device)
-        pred[idx] = (torch.log_softmax(logits[idx] / temp, dim=-1) + noise).argmax(-1)
+        # logp / temp in float64, not logits / temp: the same distribution, <= 0 with a finite top, so a
+        # tiny temperature (1e-300) gives no inf - inf
+        pred[idx] = (torch.log_softmax(logp[idx].double() / temp, dim=-1) + noise).argmax(-1)
     conf = logp.gather(-1, pred[..., None]).squeeze(-1).exp()
     return pred, conf
 

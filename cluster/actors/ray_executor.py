@@ -13,7 +13,7 @@ from collections import deque
 
 import ray
 
-from twotower.cluster.engine.errors import EngineError
+from twotower.cluster.engine.errors import LaneOpError
 from twotower.cluster.engine.executor import TowerExecutor
 
 from .pair import TowerPair, TowerPairError
@@ -36,7 +36,7 @@ class RayExecutor(TowerExecutor):
         self.pair = pair
         self.ctx, self.den = pair.context, pair.denoiser
         self.mirrored: set[str] = set()
-        self._unwaited: list = []  # refs of writes nobody waits for; errors surface in check()
+        self._unwaited: dict = {}  # ref -> lane of each write nobody waits for; errors surface in check()
         self.delta_bytes = 0
         # (bytes, seconds) per delta, drained by the metrics hook; bounded when nobody drains it
         self.transfers: deque[tuple[int, float]] = deque(maxlen=4096)
@@ -45,27 +45,28 @@ class RayExecutor(TowerExecutor):
         if not self.pair.alive:
             raise TowerPairError(f"{self.pair.name}: tower pair is down")
 
-    def _fire(self, ref) -> None:
-        self._unwaited.append(ref)
+    def _fire(self, ref, lane: str) -> None:
+        self._unwaited[ref] = lane
 
     def _sync(self, lane: str) -> None:
         if lane in self.mirrored:
             delta = self.ctx.take_delta.options(tensor_transport=self.pair.tensor_transport).remote(lane)
-            self._fire(self.den.apply_delta.remote(lane, delta))
+            self._fire(self.den.apply_delta.remote(lane, delta), lane)
 
     def check(self) -> None:
         """Collect finished fire-and-forget writes; raise TowerPairError if one failed."""
         if not self._unwaited:
             return
-        done, self._unwaited = ray.wait(self._unwaited, num_returns=len(self._unwaited), timeout=0)
+        done, _ = ray.wait(list(self._unwaited), num_returns=len(self._unwaited), timeout=0)
         for ref in done:
+            lane = self._unwaited.pop(ref)
             try:
                 out = ray.get(ref)
             except ray.exceptions.RayActorError as e:
                 self.pair.alive = False
                 raise TowerPairError(f"{self.pair.name}: a tower actor died: {e}") from e
             except ray.exceptions.RayTaskError as e:  # the op raised; the actors live on
-                raise EngineError(f"{self.pair.name}: a tower operation failed: {e}") from e
+                raise LaneOpError(lane, f"{self.pair.name}: a tower operation of lane {lane} failed: {e}") from e
             if isinstance(out, tuple):  # apply_delta: (bytes received, transfer seconds)
                 self.delta_bytes += out[0]
                 self.transfers.append(out)
@@ -73,7 +74,7 @@ class RayExecutor(TowerExecutor):
     def drain(self) -> None:
         """Wait for every queued write (benchmarks, shutdown)."""
         while self._unwaited:
-            ray.wait(self._unwaited, num_returns=len(self._unwaited))
+            ray.wait(list(self._unwaited), num_returns=len(self._unwaited))
             self.check()
 
     # ---- TowerExecutor ---------------------------------------------------------------------------
@@ -92,9 +93,9 @@ class RayExecutor(TowerExecutor):
 
     def keep_rows(self, lane, rows):
         self._guard()
-        self._fire(self.ctx.keep_rows.remote(lane, rows))
+        self._fire(self.ctx.keep_rows.remote(lane, rows), lane)
         if lane in self.mirrored:
-            self._fire(self.den.keep_rows.remote(lane, rows))
+            self._fire(self.den.keep_rows.remote(lane, rows), lane)
 
     def decode(self, lane, ids, sampling):
         self._guard()
@@ -104,7 +105,7 @@ class RayExecutor(TowerExecutor):
 
     def extend(self, lane, ids, n_valid):
         self._guard()
-        self._fire(self.ctx.extend.remote(lane, ids, n_valid))
+        self._fire(self.ctx.extend.remote(lane, ids, n_valid), lane)
         self._sync(lane)
 
     def verify(self, lane, ids, n_valid):
@@ -113,7 +114,7 @@ class RayExecutor(TowerExecutor):
 
     def rewind(self, lane, keep):
         self._guard()
-        self._fire(self.ctx.rewind.remote(lane, keep))
+        self._fire(self.ctx.rewind.remote(lane, keep), lane)
         self._sync(lane)
 
     def denoise(self, lane, xt, t, mask_id, temperature, seeds):
@@ -127,9 +128,9 @@ class RayExecutor(TowerExecutor):
     def close_lane(self, lane):
         if not self.pair.alive:
             return
-        self._fire(self.ctx.close_lane.remote(lane))
+        self._fire(self.ctx.close_lane.remote(lane), lane)
         if lane in self.mirrored:
-            self._fire(self.den.close_lane.remote(lane))
+            self._fire(self.den.close_lane.remote(lane), lane)
             self.mirrored.discard(lane)
 
     def score(self, prompt, continuation):

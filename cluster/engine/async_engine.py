@@ -8,7 +8,7 @@ import contextvars
 from collections.abc import AsyncIterator
 
 from .engine import Engine
-from .errors import wrap_step_error
+from .errors import TowersUnavailable, wrap_step_error
 from .params import SamplingParams
 from .request import FinishReason, RequestOutput, Usage
 
@@ -42,12 +42,17 @@ class AsyncEngine:
             try:
                 outs = await asyncio.to_thread(self.engine.step)
             except Exception as e:  # fail every request in flight with the error, keep serving
-                self.dead = e
+                if isinstance(e, TowersUnavailable):  # only a dead tower makes this engine unhealthy
+                    self.dead = e
                 for r in self.engine.fail_all(e):
                     q = self.queues.get(r.request_id)
                     if q is not None:
                         q.put_nowait(e)
                 continue
+            for r, err in self.engine.take_failures():  # one lane failed; the others' outputs follow
+                q = self.queues.get(r.request_id)
+                if q is not None:
+                    q.put_nowait(err)
             for o in outs:
                 q = self.queues.get(o.request_id)
                 if q is not None:

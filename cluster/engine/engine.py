@@ -10,20 +10,25 @@ It drives the towers only through a TowerExecutor, so the same engine runs in-pr
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from twotower.decoding import MASK_TOKEN_ID
 
+from .errors import LaneFailed, LaneOpError, TowersUnavailable
 from .executor import TowerExecutor
 from .lanes import ARLane, DiffusionLane, Event, Lane, LosslessLane, MockARLane
 from .params import ModelLimits, SamplingParams
 from .request import FinishReason, Request, RequestOutput, Usage
 from .scheduler import Scheduler, parse_lane
 from .tokenizer import IncrementalDetokenizer, TokenizerLike, find_stop
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -118,6 +123,7 @@ class Engine:
         self.lanes: dict[str, Lane] = {}
         self.outputs: dict[str, _Output] = {}
         self._ids = itertools.count()
+        self.failures: list[tuple[Request, LaneFailed]] = []  # failed by a lane error; see take_failures
         self._lock = threading.RLock()  # step() vs add/abort from other threads
 
     # ---- requests --------------------------------------------------------------------------------
@@ -203,16 +209,19 @@ class Engine:
             sched = self.scheduler.schedule({k: len(v) for k, v in self.lanes.items()})
             events: list[Event] = []
             for key, reqs in sched.admit.items():
-                events += self._lane(key).admit(reqs)
-            self.ex.check()
+                events += self._guarded(key, lambda key=key, reqs=reqs: self._lane(key).admit(reqs), reqs) or []
+            self._check()
             if self.pipeline:  # every lane's driving forward is submitted before any is waited for
-                launched = [(self.lanes[key], self.lanes[key].launch()) for key in sched.step]
-                for lane, pending in launched:
-                    events += lane.finish(pending)
+                launched = [(key, self._guarded(key, self.lanes[key].launch)) for key in sched.step
+                            if key in self.lanes]  # fmt: skip
+                for key, pending in launched:
+                    if key in self.lanes:
+                        events += self._guarded(key, lambda key=key, p=pending: self.lanes[key].finish(p)) or []
             else:
                 for key in sched.step:
-                    events += self.lanes[key].step()
-                    self.ex.drain()
+                    if key in self.lanes:
+                        events += self._guarded(key, self.lanes[key].step) or []
+                    self._check(self.ex.drain)
             outs = self._deltas(events)
             finished = self._drop_finished()
             outs += [o for o in map(self._finalise, finished) if o is not None]
@@ -222,6 +231,55 @@ class Engine:
         for hook in self.hooks.on_step:
             hook(stats)
         return outs
+
+    # ---- fault isolation: an op that raises fails its lane only ----------------------------------------
+    def _guarded(self, key: str, fn: Callable, admitting: list[Request] = ()):
+        """fn() for lane `key`. If it raises (anything but TowersUnavailable, which means nothing on this
+        executor can run), the lane's requests fail and the lane is dropped; returns None then."""
+        try:
+            return fn()
+        except TowersUnavailable:
+            raise
+        except Exception as e:
+            self._fail_lane(key, e, admitting)
+            return None
+
+    def _check(self, collect: Callable[[], None] | None = None) -> None:
+        """executor.check() (or drain()): a failed unwaited op fails its lane, then collection goes on."""
+        while True:
+            try:
+                return (collect or self.ex.check)()
+            except LaneOpError as e:  # an unwaited op of one lane failed (remote executors)
+                if e.lane in self.lanes:
+                    self._fail_lane(e.lane, e)
+
+    def _fail_lane(self, key: str, error: BaseException, admitting: list[Request] = ()) -> None:
+        error_id = uuid.uuid4().hex[:12]
+        log.error("lane %s failed, its requests fail with error id %s", key, error_id, exc_info=error)
+        lane = self.lanes.pop(key, None)
+        reqs = list(lane.rows if lane is not None else []) + [r for r in admitting if lane is None or r not in
+                                                               lane.rows]  # fmt: skip
+        try:
+            self.ex.close_lane(key)  # frees its slots; the lane's state may be half-written
+        except TowersUnavailable:
+            raise
+        except Exception:
+            log.exception("lane %s: close_lane after a failure also failed", key)
+        for r in reqs:
+            if not r.finished:
+                r.finish(FinishReason.ERROR)
+        self.scheduler.release(reqs)
+        for r in reqs:
+            if self.outputs.pop(r.request_id, None) is not None:
+                self.failures.append((r, LaneFailed(key, error_id)))
+                for hook in self.hooks.on_finish:
+                    hook(r)
+
+    def take_failures(self) -> list[tuple[Request, LaneFailed]]:
+        """Requests failed by a lane error since the last call, with the error each one's consumer gets."""
+        with self._lock:
+            out, self.failures = self.failures, []
+            return out
 
     def _lane(self, key: str) -> Lane:
         if key not in self.lanes:

@@ -101,7 +101,8 @@ class TowerExecutor(abc.ABC):
         return 0.0
 
     def check(self) -> None:
-        """Raise if an operation that nobody waited for has failed (remote executors)."""
+        """Raise if an operation that nobody waited for has failed (remote executors): LaneOpError when
+        the op failed and the towers live on, TowersUnavailable when they are gone."""
 
     def drain(self) -> None:
         """Wait until every submitted operation has completed (remote executors)."""

@@ -194,7 +194,7 @@ class DiffusionLane(Lane):
         return self.xt == self.mask_id
 
     def launch(self):
-        temp = torch.tensor([r.params.temperature for r in self.rows], dtype=torch.float32)
+        temp = torch.tensor([r.params.temperature for r in self.rows], dtype=torch.float64)  # 1e-300 stays > 0
         t = self._masked().float().mean(-1)  # per-row masked fraction
         seeds = [mix_seed(r.seed, len(r.output_ids) * 1024 + int(s))
                  for r, s in zip(self.rows, self.step_idx, strict=True)]  # fmt: skip
