@@ -172,6 +172,10 @@ class Engine:
         if isinstance(x, str):
             if self.tokenizer is None:
                 raise ValueError(f"{name}: text needs a tokenizer; pass token ids")
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate (JSON "\ud800"): no UTF-8 text to tokenize
+                raise ValueError(f"{name}: not valid Unicode text ({e.reason} at character {e.start})") from None
             return self.tokenizer.encode(x)
         ids = list(x)
         if any(type(t) is not int or not 0 <= t < self.limits.vocab_size for t in ids):

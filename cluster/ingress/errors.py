@@ -9,6 +9,12 @@
     DEADLINE_EXCEEDED     504   a timeout
     INTERNAL              500   anything else: a bug
 
+Only bad input is answered with the exception's own text (it names the field). Every other kind gets a
+fixed sentence and an opaque error id; the exception, with its traceback, is logged here under that id,
+once: internals (actor ids, node addresses, worker pids, ANSI-coloured tracebacks) never reach a
+client. Retryable kinds carry a retry hint (`ApiError.retry_after_s`): HTTP's Retry-After header, gRPC's
+`grpc-retry-pushback-ms` trailer.
+
 An exception raised inside a Ray actor or replica arrives wrapped in a RayTaskError; the original (its
 `cause`) is what gets classified. Ray's classes are matched by name, so this module imports no Ray, and
 no gRPC or web framework either: each ingress turns the kind into its own status.
@@ -17,9 +23,14 @@ no gRPC or web framework either: each ingress turns the kind into its own status
 from __future__ import annotations
 
 import asyncio
+import logging
+import uuid
 from dataclasses import dataclass
 
-from twotower.cluster.engine.errors import TowersUnavailable
+from twotower.cluster.engine.errors import LaneFailed, TowersUnavailable
+
+log = logging.getLogger(__name__)
+RETRY_AFTER_S = 1  # the hint sent with RESOURCE_EXHAUSTED and UNAVAILABLE
 
 # Class names (anywhere in the MRO) meaning "the server cannot be reached now" / "overloaded".
 _UNAVAILABLE = frozenset({"RayActorError", "ActorDiedError", "ActorUnavailableError", "DeploymentUnavailableError",
@@ -44,6 +55,10 @@ class ApiError:
     def retryable(self) -> bool:
         return self.kind in ("RESOURCE_EXHAUSTED", "UNAVAILABLE")
 
+    @property
+    def retry_after_s(self) -> int | None:
+        return RETRY_AFTER_S if self.retryable else None
+
 
 def original(exc: BaseException) -> BaseException:
     """The exception a RayTaskError carries (raised in an actor or replica), else `exc` itself."""
@@ -51,6 +66,21 @@ def original(exc: BaseException) -> BaseException:
     if any(c.__name__.startswith("RayTaskError") for c in type(exc).__mro__) and isinstance(cause, BaseException):
         return cause
     return exc
+
+
+def error_id(exc: BaseException, kind: str) -> str:
+    """The opaque id of `exc` (the same however often it is classified); logs the exception the first time."""
+    if isinstance(exc, LaneFailed):  # the engine logged the lane's failure under this id already
+        return exc.error_id
+    eid = getattr(exc, "_twotower_error_id", None)
+    if eid is None:
+        eid = uuid.uuid4().hex[:12]
+        try:
+            exc._twotower_error_id = eid
+        except AttributeError:  # an exception type without a __dict__: logged per classification
+            pass
+        log.error("%s, error id %s: %s: %s", kind, eid, type(exc).__name__, exc, exc_info=exc)
+    return eid
 
 
 def classify(exc: BaseException) -> ApiError:
@@ -61,9 +91,10 @@ def classify(exc: BaseException) -> ApiError:
     if isinstance(exc, NotImplementedError):
         return ApiError("UNIMPLEMENTED", f"not supported by this server: {exc}")
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
-        return ApiError("DEADLINE_EXCEEDED", f"server timed out: {exc}" if str(exc) else "server timed out")
+        return ApiError("DEADLINE_EXCEEDED", f"server timed out (error id {error_id(exc, 'timeout')})")
     if names & _EXHAUSTED:
-        return ApiError("RESOURCE_EXHAUSTED", f"server overloaded, retry later: {exc}")
+        return ApiError("RESOURCE_EXHAUSTED", "server overloaded, retry later")
     if isinstance(exc, (ConnectionError, TowersUnavailable)) or names & _UNAVAILABLE:
-        return ApiError("UNAVAILABLE", f"tower-pair server unavailable: {type(exc).__name__}: {exc}")
-    return ApiError("INTERNAL", f"server error: {type(exc).__name__}: {exc}")
+        eid = error_id(exc, "unavailable")
+        return ApiError("UNAVAILABLE", f"tower-pair server unavailable, retry (error id {eid})")
+    return ApiError("INTERNAL", f"internal error (error id {error_id(exc, 'internal error')})")

@@ -44,6 +44,7 @@ from twotower.protos import twotower_v1_pb2 as pb2
 from twotower.protos import twotower_v1_pb2_grpc as pb2_grpc
 
 from .api_types import ServerClient
+from .errors import RETRY_AFTER_S
 from .grpc_convert import (
     GrpcStatus,
     chunk_from_delta,
@@ -77,7 +78,10 @@ async def _fail_for(grpc_context: Any, exc: BaseException, what: str) -> NoRetur
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED):
         logger.debug("%s rejected: %s", what, details)
     else:
-        logger.warning("%s failed: %s", what, details, exc_info=exc)
+        logger.warning("%s failed: %s", what, details)  # errors.classify logged the exception itself
+    set_trailers = getattr(grpc_context, "set_trailing_metadata", None)
+    if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE) and set_trailers is not None:
+        set_trailers((("grpc-retry-pushback-ms", str(RETRY_AFTER_S * 1000)),))  # gRPC's retry hint
     await _fail(grpc_context, code, details)
 
 

@@ -62,8 +62,10 @@ _background: set[asyncio.Task] = set()  # strong references to request streams s
 
 
 def _error_response(err: OpenAIError, request_id: str | None = None) -> JSONResponse:
-    headers = {REQUEST_ID_HEADER: request_id} if request_id else None
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    headers = {REQUEST_ID_HEADER: request_id} if request_id else {}
+    if err.retry_after_s is not None:
+        headers["Retry-After"] = str(err.retry_after_s)
+    return JSONResponse(err.body(), status_code=err.status, headers=headers or None)
 
 
 # ---- running requests ------------------------------------------------------------------------------
@@ -206,9 +208,7 @@ def build_openai_app(server: ServerClient, served_model_name: str, *, max_prompt
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception) -> JSONResponse:
-        log.error("unhandled error on %s", request.url.path, exc_info=e)
-        return _error_response(OpenAIError(500, f"internal error: {type(e).__name__}"),
-                               getattr(request.state, "request_id", None))  # fmt: skip
+        return _error_response(error_from_exception(e), getattr(request.state, "request_id", None))  # logs it
 
     @app.get("/health")
     async def health() -> Response:
@@ -246,6 +246,8 @@ def build_openai_app(server: ServerClient, served_model_name: str, *, max_prompt
             body = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError) as e:
             raise invalid(f"request body: not valid JSON ({e})") from None
+        except RecursionError:
+            raise invalid("request body: JSON nested too deeply") from None
         creq = parse_completion_request(body, served_model_name, max_prompts)
         check_against_model(creq, await model_info())
         reqs = to_generate_requests(creq, server_request_ids(request_id, given_id is not None, len(creq.prompts)))

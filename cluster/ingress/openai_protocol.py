@@ -53,8 +53,9 @@ class OpenAIError(Exception):
     """An error answered as `{"error": {...}}` with an HTTP status."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 err_type: str | None = None) -> None:  # fmt: skip
+                 err_type: str | None = None, retry_after_s: int | None = None) -> None:  # fmt: skip
         super().__init__(message)
+        self.retry_after_s = retry_after_s  # sent as Retry-After (429, 503)
         self.status = status
         self.message = message
         self.param = param
@@ -82,9 +83,7 @@ def error_from_exception(e: BaseException) -> OpenAIError:
     err = classify(e)
     if err.kind == "INVALID_ARGUMENT":
         return invalid(err.message)
-    if err.kind == "INTERNAL":
-        log.error("completion failed", exc_info=e)
-    return OpenAIError(err.http_status, err.message)
+    return OpenAIError(err.http_status, err.message, retry_after_s=err.retry_after_s)  # classify logged it
 
 
 def model_not_found(name: Any) -> OpenAIError:

@@ -16,6 +16,7 @@ from twotower.cluster.actors.config import PairConfig  # noqa: E402
 from twotower.cluster.actors.pair import TowerPair, TowerPairError  # noqa: E402
 from twotower.cluster.actors.ray_executor import RayExecutor  # noqa: E402
 from twotower.cluster.engine.async_engine import AsyncEngine  # noqa: E402
+from twotower.cluster.engine.config import EngineConfig  # noqa: E402
 from twotower.cluster.engine.engine import Engine  # noqa: E402
 from twotower.cluster.engine.errors import EngineError  # noqa: E402
 from twotower.cluster.engine.executor import InProcessExecutor  # noqa: E402
@@ -51,7 +52,7 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def pair(ray_local, model_dir):
-    p = TowerPair(str(model_dir), PairConfig(replica_cpus=0.1), ready_timeout_s=60)
+    p = TowerPair(str(model_dir), PairConfig(replica_cpus=0.1), EngineConfig(eager=True), ready_timeout_s=60)
     yield p
     p.shutdown()
 
@@ -107,7 +108,7 @@ def test_delta_bytes_match_the_formula(pair, model_dir):
 
 
 def test_killing_an_actor_fails_requests_quickly(ray_local, model_dir):
-    pair = TowerPair(str(model_dir), PairConfig(replica_cpus=0.1), ready_timeout_s=60)
+    pair = TowerPair(str(model_dir), PairConfig(replica_cpus=0.1), EngineConfig(eager=True), ready_timeout_s=60)
     engine = AsyncEngine(Engine(RayExecutor(pair), LIMITS))
 
     async def main() -> tuple[str, float]:

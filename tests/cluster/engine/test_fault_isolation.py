@@ -114,3 +114,14 @@ def test_a_tiny_temperature_is_served(towers, mode, extra):
     _run(eng)
     assert tiny.finish_reason is not FinishReason.ERROR and len(tiny.output_ids) == 14
     assert tiny.output_ids == greedy.output_ids  # the limit of a vanishing temperature is greedy
+
+
+def test_a_lone_surrogate_prompt_is_refused_by_name(towers):
+    from twotower.cluster.engine.tokenizer import ByteTokenizer
+
+    eng = Engine(InProcessExecutor(*towers), LIMITS, tokenizer=ByteTokenizer())
+    with pytest.raises(ValueError, match="prompt: not valid Unicode text"):
+        eng.add_request("def f(\ud800", _params("ar", {}))
+    with pytest.raises(ValueError, match="continuation: not valid Unicode text"):
+        eng.score("ok", "\udfff")
+    assert not eng.has_unfinished()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import pytest
 
@@ -59,7 +61,9 @@ def test_grpc_and_http_agree(exc, kind, http):
 def test_messages():
     assert status_for_exception(RayTaskError(InvalidRequest("prompt: too long"))) == (
         grpc.StatusCode.INVALID_ARGUMENT, "prompt: too long")  # the original, not the traceback text
-    assert status_for_exception(KeyError("x")) == (grpc.StatusCode.INTERNAL, "server error: KeyError: 'x'")
+    code, details = status_for_exception(KeyError("secret-10.0.0.7"))
+    assert code == grpc.StatusCode.INTERNAL and details.startswith("internal error (error id ")
+    assert "secret" not in details and "KeyError" not in details
     assert error_from_exception(InvalidRequest("gamma: must be in (0, 1]")).param == "gamma"
 
 
@@ -76,3 +80,29 @@ def test_a_step_failure_keeps_its_kind_and_names_the_request():
 
 def test_an_explicit_grpc_status_passes_through():
     assert status_for_exception(GrpcStatus(grpc.StatusCode.NOT_FOUND, "x")) == (grpc.StatusCode.NOT_FOUND, "x")
+
+
+def test_internals_are_logged_under_the_id_the_client_gets():
+    exc = RayTaskError(ActorDiedError("actor 3f2a on node 10.0.0.7 died, pid 4242"))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("twotower.cluster.ingress.errors")
+    logger.addHandler(handler)
+    try:
+        code, details = status_for_exception(exc)
+        http = error_from_exception(exc)
+    finally:
+        logger.removeHandler(handler)
+    eid = details.split("error id ")[1].rstrip(")")
+    assert code == grpc.StatusCode.UNAVAILABLE and http.message == details  # one id, both APIs
+    assert "10.0.0.7" not in details and "4242" not in details
+    logged = [r for r in records if eid in r.getMessage()]
+    assert len(logged) == 1 and "10.0.0.7" in logged[0].getMessage()  # logged once, with the details
+
+
+def test_retryable_kinds_carry_a_retry_hint():
+    assert classify(BackPressureError("full")).retry_after_s == 1
+    assert classify(ActorDiedError("gone")).retry_after_s == 1
+    assert classify(ValueError("x: bad")).retry_after_s is None and classify(KeyError("k")).retry_after_s is None
+    assert error_from_exception(BackPressureError("full")).retry_after_s == 1

@@ -178,12 +178,14 @@ def test_both_prompt_forms_cannot_be_sent():
 
 def test_server_failures(served):
     err = rpc_error(lambda: gen(served, prompt_text="down"))
-    assert err.code() == grpc.StatusCode.UNAVAILABLE and "tower pair 0 is restarting" in err.details()
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and "error id" in err.details()
+    assert "restarting" not in err.details()  # the cause is logged, not sent
+    assert ("grpc-retry-pushback-ms", "1000") in tuple(err.trailing_metadata())  # a retry hint
     call = stub(served).Generate(pb2.GenerateRequest(prompt_text="boom", request_id="r-boom"), timeout=10)
     first = next(call)
     assert list(first.token_ids) == [0, 1]  # what was generated before the failure still arrives
     err = rpc_error(lambda: next(call))
-    assert err.code() == grpc.StatusCode.INTERNAL and "kaboom" in err.details()
+    assert err.code() == grpc.StatusCode.INTERNAL and "error id" in err.details() and "kaboom" not in err.details()
 
 
 def test_client_cancellation_aborts_the_request(served):

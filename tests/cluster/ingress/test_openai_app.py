@@ -235,10 +235,11 @@ def test_failure_mid_stream_is_an_error_event_without_done():
     assert json.loads(events[0][1])["choices"][0]["text"] == "Hel"
     name, data = events[-1]
     err = json.loads(data)["error"]
-    assert name == "error" and "tower died" in err["message"] and err["type"] == "server_error"
+    assert name == "error" and err["type"] == "server_error"
+    assert "error id" in err["message"] and "tower died" not in err["message"]  # details stay in the log
     assert all(d != "[DONE]" for _, d in events)
     r = post(FakeServer(error_delta=True), {"prompt": "a", "stream": True})
-    assert sse_events(r.text)[-1][0] == "error" and "boom" in r.text
+    assert sse_events(r.text)[-1][0] == "error" and "error id" in r.text and "boom" not in r.text
 
 
 # ---- errors ----------------------------------------------------------------------------------------
@@ -311,11 +312,18 @@ def test_server_refusal_is_400(stream):
 def test_server_failure_before_output_is_json(exc, status, stream):
     r = post(FakeServer(fail_before=exc), {"prompt": "x", "stream": stream})
     assert r.status_code == status and r.json()["error"]["type"] == "server_error"
+    assert r.headers.get("retry-after") == ("1" if status == 503 else None)  # retryable: a Retry-After hint
+
+
+def test_deeply_nested_json_is_400():
+    body = "[" * 100_000 + "]" * 100_000
+    r = client_for(FakeServer()).post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
 
 
 def test_error_delta_non_stream_is_500():
     r = post(FakeServer(error_delta=True), {"prompt": "x"})
-    assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
+    assert r.status_code == 500 and "error id" in r.json()["error"]["message"] and "boom" not in r.text
 
 
 def test_unknown_route_is_openai_shaped():
