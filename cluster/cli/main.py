@@ -143,6 +143,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
     dashboard = "http://" + (ctx.dashboard_url or f"127.0.0.1:{a.dashboard_port}")
     put_config(dashboard, serve_deploy_config(cfg, host=a.host))
     print(f"deploying {cfg.app_name} (model {cfg.model}) ...", file=sys.stderr)
+    if not cfg.engine.eager and cfg.engine.warmup:
+        where = "GPUs" if cfg.pair.use_gpus else ("CPUs (about 13 min for the bundled model on 2 cores when "
+                                                  "TorchInductor's cache is empty, 1 min when it is filled)")
+        print(f"each tower actor compiles its start-up steps before serving, on {where}; progress is in the "
+              f"actors' logs (dashboard); engine.eager: true skips it", file=sys.stderr)  # fmt: skip
     t0 = time.monotonic()
     while time.monotonic() - t0 < a.timeout:
         try:
@@ -214,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--address", default=None, help="Ray cluster address (default: running one, else local)")
     s.add_argument("--host", default="127.0.0.1", help="address the HTTP and gRPC proxies bind")
     s.add_argument("--dashboard-port", type=int, default=8265)
-    s.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the app to start")
+    s.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the app to start (compiled "
+                   "steps warm up first)")  # fmt: skip
     s.add_argument("--block", action="store_true", help="stay in the foreground on an existing cluster too")
     s.set_defaults(fn=cmd_serve)
 
