@@ -61,6 +61,9 @@ class ServeConfig:
     grpc_port: int = 9000
     request_timeout_s: float | None = None  # server-side cap on any request (deadlines may be shorter)
     max_ongoing_requests: int = 64  # per replica, before Serve queues at the router
+    # requests each caller (the ingress) queues for the tower pairs beyond that; past it a request is
+    # refused at once with RESOURCE_EXHAUSTED / 429 and Retry-After, never an unbounded wait. -1 = no bound
+    max_queued_requests: int = 256
     replicas: int | None = None  # a fixed number of tower pairs (autoscaling off); None = autoscaling
     engine: EngineConfig = field(default_factory=EngineConfig)
     pair: PairConfig = field(default_factory=PairConfig)
@@ -85,6 +88,9 @@ class ServeConfig:
             raise ValueError("grpc_port: must differ from http_port")
         if self.max_ongoing_requests < 1:
             raise ValueError(f"max_ongoing_requests: must be >= 1 (got {self.max_ongoing_requests})")
+        q = self.max_queued_requests
+        if not isinstance(q, int) or isinstance(q, bool) or (q < 1 and q != -1):
+            raise ValueError(f"max_queued_requests: must be >= 1, or -1 for no bound (got {q!r})")
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s: must be > 0 (got {self.request_timeout_s})")
         if self.replicas is not None and (not isinstance(self.replicas, int) or self.replicas < 0):

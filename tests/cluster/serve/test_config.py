@@ -33,6 +33,9 @@ def test_defaults_and_round_trip():
         ({"defaults": {"gama": 0.5}}, "defaults"),
         ({"replicas": -1}, "replicas"),
         ({"engine": {"max_num_seqs": 0}}, "max_num_seqs"),
+        ({"engine": {"warmup_block_sizes": [0]}}, "warmup_block_sizes"),
+        ({"engine": {"eager": "no"}}, "eager"),
+        ({"max_queued_requests": 0}, "max_queued_requests"),
         ({"bogus": 1}, "bogus"),
         ({"pair": {"bogus": 1}}, "bogus"),
     ],
@@ -49,6 +52,7 @@ def test_deploy_config_is_a_valid_serve_config_and_scales():
     _validate(dc)
     pair = dc["applications"][0]["deployments"][0]
     assert pair["placement_group_bundles"] == [{"CPU": 0.5}, {"GPU": 1.0}, {"GPU": 1.0}]
+    assert pair["max_queued_requests"] == 256  # a bounded queue: past it, 429 / RESOURCE_EXHAUSTED at once
     assert pair["placement_group_strategy"] == "STRICT_PACK"
     assert pair["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in pair
     assert "twotower.protos.twotower_v1_pb2_grpc.add_TwoTowerServicer_to_server" in (
