@@ -97,7 +97,7 @@ def save_checkpoint(path: Path, **payload: Any) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only: no code runs
 
 
 def count_params(module: nn.Module) -> int:

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         T.save(tok, run_dir)
     streams_path = run_dir / "tokens.pt"
     if streams_path.is_file():
-        streams = torch.load(streams_path)
+        streams = torch.load(streams_path, weights_only=True)
     else:
         enc = lambda texts: T.encode_batch(tok, texts)
         streams = {
