@@ -90,11 +90,41 @@ def _connect_ray(address: str | None, dashboard_port: int):
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address or os.environ.get("RAY_ADDRESS"):
-        return ray.init(address=address or os.environ["RAY_ADDRESS"]), False
+        target = address or os.environ["RAY_ADDRESS"]
+        return _within(RAY_CONNECT_TIMEOUT_S, f"Ray at {target}", lambda: ray.init(address=target)), False
     try:
-        return ray.init(address="auto"), False
+        return _within(RAY_CONNECT_TIMEOUT_S, "the running Ray cluster", lambda: ray.init(address="auto")), False
     except ConnectionError:
         return ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port), True
+
+
+RAY_CONNECT_TIMEOUT_S = 30.0
+
+
+def _within(seconds: float, what: str, connect):
+    """connect() in a helper thread, so that a dead or stale GCS address (which ray.init retries without
+    end, ignoring Ctrl-C) ends in a message and exit status 1 after `seconds`."""
+    import os
+    import threading
+
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["ctx"] = connect()
+        except BaseException as e:  # re-raised in the caller's thread
+            out["error"] = e
+
+    t = threading.Thread(target=run, name="ray-connect", daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        print(f"error: could not reach {what} within {seconds:.0f} s (a stopped cluster or a stale address? "
+              f"check --address / RAY_ADDRESS, or `ray stop` and retry)", file=sys.stderr, flush=True)  # fmt: skip
+        os._exit(1)  # the connecting thread is stuck inside Ray: a normal exit would wait for it
+    if "error" in out:
+        raise out["error"]
+    return out["ctx"]
 
 
 def _serve_config(a: argparse.Namespace):
@@ -139,7 +169,16 @@ def cmd_serve(a: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ctx, started = _connect_ray(a.address, a.dashboard_port)
+    try:
+        ctx, started = _connect_ray(a.address, a.dashboard_port)
+    except ConnectionError as e:
+        print(f"error: {e} (check --address / RAY_ADDRESS)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # SIGINT / Ctrl-C while connecting: stop now, whatever Ray's thread does
+        print("interrupted", file=sys.stderr, flush=True)
+        import os
+
+        os._exit(130)
     dashboard = "http://" + (ctx.dashboard_url or f"127.0.0.1:{a.dashboard_port}")
     put_config(dashboard, serve_deploy_config(cfg, host=a.host))
     print(f"deploying {cfg.app_name} (model {cfg.model}) ...", file=sys.stderr)
