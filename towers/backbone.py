@@ -21,7 +21,7 @@ from .mamba2 import Mamba2Mixer
 from .moe import MLP, MoE
 from .norm import RMSNorm
 from .pool import StatePool
-from .state import AttentionState, ContextState, MambaState, MambaTrace
+from .state import AttentionState, BlockInputs, ContextState, MambaState, MambaTrace
 
 # Per layer i: (shift, scale, gate), each [b, 1, d].
 Modulation = Callable[[int], tuple[Tensor, Tensor, Tensor]]
@@ -56,6 +56,7 @@ class LayerRun:
     n_valid: Tensor | None = None  # [b] real tokens per right-padded row
     modulation: Modulation | None = None
     traces: dict[int, MambaTrace] | None = None  # filled per Mamba layer when given (rollback)
+    record: dict[int, BlockInputs] | None = None  # pool steps: Mamba layers record, not advance (verify)
 
 
 class Backbone(nn.Module):
@@ -111,10 +112,10 @@ class Backbone(nn.Module):
             u = self._input(block, h, mod)
             st = pool.layers[i]
             if block.kind == MAMBA:
-                tr: list[MambaTrace] | None = [] if how.traces is not None else None
-                y = block.mixer.forward_slots(u, st, slots, how.n_valid, how.write, tr)
-                if tr:
-                    how.traces[i] = tr[0]
+                rec: list[BlockInputs] | None = [] if how.record is not None else None
+                y = block.mixer.forward_slots(u, st, slots, how.n_valid, how.write, rec)
+                if rec:
+                    how.record[i] = rec[0]
             elif block.kind == ATTENTION:
                 y = block.mixer.forward_slots(u, st, lengths, slots, window, how.causal, how.write)
             elif block.kind == MOE:
@@ -126,6 +127,12 @@ class Backbone(nn.Module):
             grown = lengths + (how.n_valid if how.n_valid is not None else seqlen)
             pool.lengths[slots] = torch.where(slots == pool.scratch, 0, grown)
         return self.norm_f(h)
+
+    def advance_slots(self, pool: StatePool, slots: Tensor, record: dict[int, BlockInputs], n: Tensor) -> None:
+        """After a recorded pass (LayerRun.record): advance every Mamba layer's pool rows by n[r] tokens."""
+        for i, block in enumerate(self.layers):
+            if block.kind == MAMBA:
+                block.mixer.advance_slots(pool.layers[i], slots, record[i], n)
 
     def run(self, h: Tensor, state: ContextState, how: LayerRun) -> Tensor:
         """h [b, l, d] embedded tokens -> final-normed hidden [b, l, d].

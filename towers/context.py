@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .backbone import Backbone, LayerRun
 from .config import NemotronHConfig
 from .pool import StatePool
-from .state import ContextState, MambaTrace
+from .state import BlockInputs, ContextState, MambaTrace
 
 
 class ContextTower(nn.Module):
@@ -58,13 +58,19 @@ class ContextTower(nn.Module):
         slots: Tensor,
         window: int,
         n_valid: Tensor | None = None,
-        traces: dict[int, MambaTrace] | None = None,
+        record: dict[int, BlockInputs] | None = None,
     ) -> Tensor:
         """`forward` over a state pool (Backbone.run_slots): ids [b, l] appended to the sequences in
-        `slots` [b] -> final hidden states [b, l, d]. Static shapes: compiles once per (b, l, window)."""
+        `slots` [b] -> final hidden states [b, l, d]. Static shapes: compiles once per (b, l, window).
+        With `record` (verify) the Mamba states stay where they were and each layer's block inputs are
+        recorded instead: `advance_slots` then keeps any prefix."""
         h = self.model.embeddings(ids)
         return self.model.run_slots(h, pool, slots, window, LayerRun(causal=True, write=True, n_valid=n_valid,
-                                                                     traces=traces))  # fmt: skip
+                                                                     record=record))  # fmt: skip
+
+    def advance_slots(self, pool: StatePool, slots: Tensor, record: dict[int, BlockInputs], n: Tensor) -> None:
+        """After a recorded forward_slots: the Mamba states of `slots` advance by n[r] tokens of the block."""
+        self.model.advance_slots(pool, slots, record, n)
 
     @torch.no_grad()
     def prefill(

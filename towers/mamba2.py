@@ -22,7 +22,7 @@ from twotower import kernels
 
 from .config import NemotronHConfig
 from .norm import GatedGroupRMSNorm
-from .state import MambaState, MambaTrace
+from .state import BlockInputs, MambaState, MambaTrace
 
 
 class Mamba2Mixer(nn.Module):
@@ -113,16 +113,22 @@ class Mamba2Mixer(nn.Module):
         slots: Tensor,  # [b] pool row of each batch row (padding rows: the scratch slot)
         n_valid: Tensor | None,
         write: bool,
-        trace: list[MambaTrace] | None = None,
+        record: list[BlockInputs] | None = None,
     ) -> Tensor:
         """`forward` over a state pool: row r starts from pool row slots[r]; with `write` the states after
         the input are stored back there in place. A decode token is one fused step (conv update +
         selective state update) on the pool rows; a block of <= 64 tokens is one seeded block scan that
         reads and writes the pool rows directly (kernels.ssd_block_scan). Only the small conv history is
-        gathered. Longer inputs take `forward` on gathered copies."""
+        gathered. Longer inputs take `forward` on gathered copies.
+
+        With `record` (a list; verify) the state is NOT advanced: the block's inputs are appended to it
+        instead, and `advance_slots` later moves the state by the prefix that was kept."""
         bsz, seqlen, _ = u.shape
+        if record is not None and seqlen > kernels.MAX_BLOCK_LEN:
+            raise ValueError(f"a recorded (verified) block holds at most {kernels.MAX_BLOCK_LEN} tokens")
+        write = write and record is None
         if seqlen > kernels.MAX_BLOCK_LEN:
-            out, new = self.forward(u, MambaState(pool.conv[slots], pool.ssm[slots]), n_valid, trace=trace)
+            out, new = self.forward(u, MambaState(pool.conv[slots], pool.ssm[slots]), n_valid)
             if write:
                 pool.conv[slots], pool.ssm[slots] = new.conv, new.ssm
             return out
@@ -130,28 +136,42 @@ class Mamba2Mixer(nn.Module):
         weight = self.conv1d.weight[:, 0, :]  # [conv_dim, k]
         A = -torch.exp(self.A_log.float())
         dt = self._dt(dt_raw)  # [b, l, h] float32
-        gn = self.ngroups * self.dstate
-        if seqlen == 1 and n_valid is None and write and trace is None:
+        if seqlen == 1 and n_valid is None and write:
             y = kernels.mamba_decode_step(xBC[:, 0], pool.conv, weight, self.conv1d.bias, dt[:, 0], A, self.D,
                                           pool.ssm, state_slots=slots)  # fmt: skip
         else:
-            conv0 = pool.conv[slots]  # [b, conv_dim, k] gathered: the conv history and, traced, the rollback
-            ssm0 = pool.ssm[slots] if trace is not None else None
             xBC_t = xBC.transpose(1, 2)  # [b, conv_dim, l]
-            conv_out = kernels.causal_conv1d(xBC_t, weight, self.conv1d.bias, history=conv0[..., 1:])
-            x, B, C = torch.split(F.silu(conv_out.transpose(1, 2)), [self.d_inner, gn, gn], dim=-1)
             if n_valid is not None:  # dt = 0 past a row's tokens: its state stops there
                 dt = dt * (torch.arange(seqlen, device=u.device)[None, :] < n_valid[:, None])[..., None]
-            y, ssm = kernels.ssd_block_scan(
-                x.reshape(bsz, seqlen, self.nheads, self.hdim), dt, A,
-                B.reshape(bsz, seqlen, self.ngroups, self.dstate), C.reshape(bsz, seqlen, self.ngroups, self.dstate),
-                self.D, pool.ssm, state_slots=slots, out_state=pool.ssm if write else None,
-                return_all_states=trace is not None,
-            )  # fmt: skip
-            if write:
-                pool.conv[slots] = kernels.conv_state_after(conv0, xBC_t, n_valid).to(pool.conv.dtype)
-            if trace is not None:  # ssm: [b, l, h, p, n], the state after each position
-                ssm_all = torch.cat([ssm0.float()[:, None], ssm], dim=1).to(pool.ssm.dtype)
-                trace.append(MambaTrace(ssm_all, torch.cat([conv0, xBC_t.to(conv0.dtype)], dim=-1)))
+            y = self._scan_slots(pool, slots, xBC_t, dt, A, n_valid, write)
+            if record is not None:
+                record.append(BlockInputs(xBC_t, dt))
         y = y.reshape(bsz, seqlen, self.d_inner)
         return self.out_proj(self.norm(y.to(u.dtype), z))
+
+    def _scan_slots(self, pool: MambaState, slots: Tensor, xBC_t: Tensor, dt: Tensor, A: Tensor,
+                    n_valid: Tensor | None, write: bool) -> Tensor:  # fmt: skip
+        """Conv + silu + seeded block scan of raw columns xBC_t [b, conv_dim, l] from the pool rows (dt
+        already 0 past each row's tokens); with `write` the states after them go back in place.
+        Returns y [b, l, h, p] float32."""
+        bsz, seqlen = dt.shape[:2]
+        gn = self.ngroups * self.dstate
+        conv0 = pool.conv[slots]  # [b, conv_dim, k] gathered (small): the conv history
+        conv_out = kernels.causal_conv1d(xBC_t, self.conv1d.weight[:, 0, :], self.conv1d.bias, history=conv0[..., 1:])
+        x, B, C = torch.split(F.silu(conv_out.transpose(1, 2)), [self.d_inner, gn, gn], dim=-1)
+        y, _ = kernels.ssd_block_scan(
+            x.reshape(bsz, seqlen, self.nheads, self.hdim), dt, A,
+            B.reshape(bsz, seqlen, self.ngroups, self.dstate), C.reshape(bsz, seqlen, self.ngroups, self.dstate),
+            self.D, pool.ssm, state_slots=slots, out_state=pool.ssm if write else None,
+        )  # fmt: skip
+        if write:
+            pool.conv[slots] = kernels.conv_state_after(conv0, xBC_t, n_valid).to(pool.conv.dtype)
+        return y
+
+    def advance_slots(self, pool: MambaState, slots: Tensor, block: BlockInputs, n: Tensor) -> None:
+        """Advance the pool rows by the first n[r] tokens of a recorded block (rollback after verify):
+        the same conv and scan as the block's forward, with dt = 0 from position n[r] on."""
+        seqlen = block.dt.shape[1]
+        keep = torch.arange(seqlen, device=n.device)[None, :] < n[:, None]  # [b, l]
+        self._scan_slots(pool, slots, block.xBC, block.dt * keep[..., None], -torch.exp(self.A_log.float()), n,
+                         write=True)  # fmt: skip

@@ -26,7 +26,7 @@ from twotower.decoding.unmask import x0_predict
 from twotower.towers.context import ContextTower
 from twotower.towers.denoiser import DenoiserTower
 from twotower.towers.pool import StatePool, apply_slot_delta, export_slot_delta
-from twotower.towers.state import MambaState, MambaTrace
+from twotower.towers.state import BlockInputs, MambaState
 
 from .slots import PREFILL_CHUNK, PoolLimits, SlotTable
 from .steps import StepRunner, batch_bucket, batch_buckets, window_bucket
@@ -95,13 +95,18 @@ class ContextRunner:
         def decode(ids, slots, window):  # ids [b] -> next-token logits [b, V]
             return tower.logits(tower.forward_slots(ids[:, None], pool, slots, window)[:, 0])
 
-        def verify(ids, slots, n_valid, window):  # -> greedy [b, S], (ssm, cols) per Mamba layer
-            traces: dict[int, MambaTrace] = {}
-            hidden = tower.forward_slots(ids, pool, slots, window, n_valid, traces=traces)
-            flat = tuple(t for i in mamba for t in (traces[i].ssm, traces[i].cols))
+        def verify(ids, slots, n_valid, window):  # -> greedy [b, S], (xBC, dt) per Mamba layer
+            record: dict[int, BlockInputs] = {}
+            hidden = tower.forward_slots(ids, pool, slots, window, n_valid, record=record)
+            flat = tuple(t for i in mamba for t in (record[i].xBC, record[i].dt))
             return tower.logits(hidden).argmax(-1), flat
 
-        self._fns = {"extend": extend, "decode": decode, "verify": verify}
+        def rewind(slots, keep, *flat):  # the Mamba states of the slots advance by keep[r] verified tokens
+            record = {i: BlockInputs(flat[2 * j], flat[2 * j + 1]) for j, i in enumerate(mamba)}
+            tower.advance_slots(pool, slots, record, keep)
+            return keep  # (a step returns something)
+
+        self._fns = {"extend": extend, "decode": decode, "verify": verify, "rewind": rewind}
         self._mamba = mamba
 
     def _scratch(self, kind: str, B: int, window: int, S: int | None = None) -> tuple:
@@ -110,6 +115,11 @@ class ContextRunner:
         slots = torch.full((B,), self.table.scratch, dtype=torch.long, device=d)
         if kind == "decode":
             return torch.zeros(B, dtype=torch.long, device=d), slots, window
+        if kind == "rewind":  # key ("rewind", B, S): recorded inputs of an S-token block per Mamba layer
+            cfg, S, dtype = self.tower.cfg, window, self.tower.lm_head.weight.dtype
+            flat = [t for _ in self._mamba for t in (torch.zeros(B, cfg.conv_dim, S, dtype=dtype, device=d),
+                                                      torch.zeros(B, S, cfg.mamba_num_heads, device=d))]  # fmt: skip
+            return slots, torch.zeros(B, dtype=torch.long, device=d), *flat
         return (torch.zeros(B, S, dtype=torch.long, device=d), slots, torch.zeros(B, dtype=torch.long, device=d),
                 window)  # fmt: skip
 
@@ -123,7 +133,7 @@ class ContextRunner:
         sizes = [S for S in block_sizes if S <= self.limits.max_block_size]
         for B in batch_buckets(self.limits.slots):
             keys = [("decode", B, window)] + [("extend", B, window, S) for S in sorted({PREFILL_CHUNK, *sizes})]
-            keys += [("verify", B, window, S) for S in sizes]
+            keys += [("verify", B, window, S) for S in sizes] + [("rewind", B, S) for S in sizes]
             for key in keys:
                 yield key, self._fns[key[0]], (lambda key=key: self._scratch(*key))
 
@@ -232,17 +242,16 @@ class ContextRunner:
 
     @torch.no_grad()
     def rewind(self, lane: str, keep: Tensor) -> None:
-        """After verify: row r keeps the first keep[r] tokens of the block. KV by length; each Mamba
-        layer takes its traced state after keep[r] tokens."""
+        """After verify: row r keeps the first keep[r] tokens of the block. KV by length; the Mamba
+        states, which verify left where they were, advance by keep[r] tokens of the recorded inputs."""
         slots, base, n_valid, traces = self._verify.pop(lane)
-        b = len(slots)
-        slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
-        keep_d = keep.to(self.device)
-        self.pool.lengths[slot_t] = torch.tensor(base, device=self.device) + keep_d
-        for j, i in enumerate(self._mamba):
-            st = MambaTrace(traces[2 * j][:b], traces[2 * j + 1][:b]).state_after(keep_d)
-            self.pool.layers[i].conv[slot_t] = st.conv
-            self.pool.layers[i].ssm[slot_t] = st.ssm
+        B = traces[0].shape[0] if traces else batch_bucket(len(slots), self.limits.slots)
+        slot_t = self.table.padded(slots, B, self.device)
+        keep_d = _pad(keep.long(), B).to(self.device)
+        if self._mamba:
+            self._step(("rewind", B, traces[1].shape[1]), slot_t, keep_d, *traces)
+        real = torch.tensor(slots, dtype=torch.long, device=self.device)
+        self.pool.lengths[real] = torch.tensor(base, device=self.device) + keep_d[: len(slots)]
         for s, n0, k in zip(slots, base, keep.tolist(), strict=True):
             self.table.length[s] = n0 + k
         self._changed([s for s, n in zip(slots, n_valid.tolist(), strict=True) if n > 0])

@@ -76,8 +76,8 @@ def test_compiled_steps_equal_eager_and_compile_once(towers):
     assert got == want
     graphs = {**ex.ctx.steps.graphs, **{("den", *k): g for k, g in ex.den.steps.graphs.items()}}
     kinds = {k[0] if k[0] != "den" else k[1] for k in graphs}
-    assert kinds == {"extend", "decode", "verify", "denoise", "mock_ar"}
-    windows = {k[2] for k in ex.ctx.steps.graphs}
+    assert kinds == {"extend", "decode", "verify", "rewind", "denoise", "mock_ar"}
+    windows = {k[2] for k in ex.ctx.steps.graphs if k[0] != "rewind"}  # rewind keys: (kind, batch, block)
     assert {16, 32, 64, 128} <= windows, windows  # lengths grew past several buckets
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == len(graphs)  # one graph per key, no recompiles
@@ -163,7 +163,7 @@ def test_warm_up_builds_the_start_up_set_on_scratch_only(towers, capsys):
     keys = set(ex.ctx.steps.graphs) | set(ex.den.steps.graphs)
     B, W = (1, 2, 4), 128
     assert keys == {(k, b, W, *s) for b in B for k, s in [("decode", ()), ("extend", (64,)), ("extend", (4,)),
-                    ("verify", (4,)), ("mock_ar", ()), ("denoise", (4,))]}  # fmt: skip
+                    ("verify", (4,)), ("mock_ar", ()), ("denoise", (4,))]} | {("rewind", b, 4) for b in B}  # fmt: skip
     assert all(torch.equal(x, t[live]) for x, t in zip(before, ex.ctx.pool.tensors(), strict=True))
     assert int(ex.ctx.pool.lengths[ex.ctx.pool.scratch]) == 0 and secs > 0
     err = capsys.readouterr().err
