@@ -71,9 +71,17 @@ def channel(model_dir):
         yield ch
     finally:
         ch.close()
-        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(10)
+        async def stop():
+            await server.stop(None)
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in others:  # the engine's step loop
+                t.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
+        loop.close()
 
 
 # ---- HTTP ------------------------------------------------------------------------------------------
