@@ -294,7 +294,12 @@ def test_non_root(rendered, name):
 
 def test_optional_objects(rendered):
     assert sorted(o["kind"] for o in rendered["default"]) == [
-        "PersistentVolumeClaim", "RayService", "ServiceAccount"]  # fmt: skip
+        "NetworkPolicy", "PersistentVolumeClaim", "RayService", "ServiceAccount"]  # fmt: skip
+    (default_rs,) = by_kind(rendered["default"], "RayService")
+    assert default_rs["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}  # private by default
+    (default_np,) = by_kind(rendered["default"], "NetworkPolicy")
+    dashboard_rule = [r for r in default_np["spec"]["ingress"] if any(p["port"] == 8265 for p in r.get("ports", []))]
+    assert dashboard_rule and dashboard_rule[0]["from"], dashboard_rule  # the dashboard only from listed peers
     gpu = rendered["gpu-autoscale"]
     assert {o["kind"] for o in gpu} >= {"ServiceMonitor", "NetworkPolicy", "Service"}
     (svc,) = by_kind(gpu, "Service")
