@@ -44,6 +44,7 @@ from twotower.protos import twotower_v1_pb2 as pb2
 from twotower.protos import twotower_v1_pb2_grpc as pb2_grpc
 
 from .api_types import ServerClient
+from .auth import UNAUTHENTICATED, ApiKeys, authorization_of
 from .errors import RETRY_AFTER_S
 from .grpc_convert import (
     GrpcStatus,
@@ -95,17 +96,28 @@ class GrpcIngress:
     failures then raise `GrpcStatus`).
     """
 
-    def __init__(self, server: ServerClient, health_timeout_s: float = 5.0, default_deadline_s: float | None = None):
+    def __init__(self, server: ServerClient, health_timeout_s: float = 5.0, default_deadline_s: float | None = None,
+                 api_keys: ApiKeys | None = None):  # fmt: skip
         """default_deadline_s: deadline_s of requests that bring neither a deadline_s nor a gRPC deadline
         the ingress can see. Behind Serve it is the backstop for lost cancellations: Serve 2.60's proxy does
-        not cancel the replica when the client's cancel lands while it is sending a chunk (docs/grpc.md)."""
+        not cancel the replica when the client's cancel lands while it is sending a chunk (docs/grpc.md).
+        api_keys: when given, every method but Check needs one of them (auth.py)."""
         self._server = server
         self._health_timeout_s = health_timeout_s
         self._default_deadline_s = default_deadline_s
+        self._api_keys = api_keys
+
+    async def _authenticate(self, grpc_context: Any) -> None:
+        if self._api_keys is None:
+            return
+        metadata = getattr(grpc_context, "invocation_metadata", None)
+        if not self._api_keys.allows(authorization_of(metadata() if metadata is not None else None)):
+            await _fail(grpc_context, grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
 
     async def Generate(
         self, request: pb2.GenerateRequest, grpc_context: Any = None
     ) -> AsyncIterator[pb2.GenerateChunk]:
+        await self._authenticate(grpc_context)
         try:
             req = generate_request_from_proto(request, grpc_context)
         except ValueError as e:
@@ -160,6 +172,7 @@ class GrpcIngress:
             logger.warning("aborting request %s failed", request_id, exc_info=True)
 
     async def Score(self, request: pb2.ScoreRequest, grpc_context: Any = None) -> pb2.ScoreReply:
+        await self._authenticate(grpc_context)
         try:
             req = score_request_from_proto(request)
         except ValueError as e:
@@ -171,6 +184,7 @@ class GrpcIngress:
         return score_reply_from_result(result)
 
     async def ModelInfo(self, request: pb2.ModelInfoRequest, grpc_context: Any = None) -> pb2.ModelInfoReply:
+        await self._authenticate(grpc_context)
         try:
             info = await self._server.model_info()
         except Exception as e:

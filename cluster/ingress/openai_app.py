@@ -38,6 +38,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .api_types import GenerateDelta, GenerateRequest, ModelInfo, ServerClient
+from .auth import UNAUTHENTICATED, ApiKeys
 from .health import server_healthy
 from .openai_protocol import (
     CompletionContext,
@@ -180,13 +181,25 @@ async def _until_disconnect(request: Request, work: Awaitable) -> tuple[bool, An
 
 # ---- the app ---------------------------------------------------------------------------------------
 def build_openai_app(server: ServerClient, served_model_name: str, *, max_prompts: int = 64,
-                     cleanup_timeout_s: float = 5.0, health_timeout_s: float = 10.0) -> FastAPI:  # fmt: skip
+                     cleanup_timeout_s: float = 5.0, health_timeout_s: float = 10.0,
+                     api_keys: ApiKeys | None = None) -> FastAPI:  # fmt: skip
     """FastAPI app serving the OpenAI completions API for `served_model_name` on `server`.
 
     max_prompts: the largest batch (`prompt` as a list of prompts); cleanup_timeout_s: how long an abort
-    may take once a client has gone; health_timeout_s: the bound on one health probe of the server.
+    may take once a client has gone; health_timeout_s: the bound on one health probe of the server;
+    api_keys: when given, every route but /health needs one of them (auth.py).
     """
     app = FastAPI(title="twotower", summary="OpenAI-compatible completions for a two-tower block-diffusion LM")
+
+    if api_keys is not None:
+
+        @app.middleware("http")
+        async def _authenticate(request: Request, call_next):
+            if request.url.path != "/health" and not api_keys.allows(request.headers.get("authorization")):
+                err = OpenAIError(401, UNAUTHENTICATED, code="invalid_api_key", err_type="invalid_request_error")
+                return JSONResponse(err.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            return await call_next(request)
+
     created_at = int(time.time())
     cache: dict[str, ModelInfo] = {}
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from ray import serve
 
+from twotower.cluster.ingress.auth import ApiKeys
 from twotower.cluster.ingress.grpc_service import GrpcIngress
 from twotower.cluster.ingress.openai_app import build_openai_app
 
@@ -24,6 +25,7 @@ from .server import TowerPairServer
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     cfg = ServeConfig.from_dict(dict(args or {}))
+    keys_file = cfg.api_keys_file
 
     @serve.deployment(name=INGRESS_DEPLOYMENT, max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0})
     @serve.ingress()
@@ -32,11 +34,13 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
 
         def __init__(self, server_handle) -> None:
             self.client = HandleClient(server_handle)
-            # backstop for cancellations Serve's proxy can lose (docs/grpc.md)
-            GrpcIngress.__init__(self, self.client, default_deadline_s=cfg.request_timeout_s)
+            # read on the replica's node: the file is a mounted Secret there
+            self.api_keys = ApiKeys.from_file(keys_file) if keys_file else None
+            # default_deadline_s: backstop for cancellations Serve's proxy can lose (docs/grpc.md)
+            GrpcIngress.__init__(self, self.client, default_deadline_s=cfg.request_timeout_s, api_keys=self.api_keys)
 
         def __serve_build_asgi_app__(self):
-            return build_openai_app(self.client, cfg.served_model_name)
+            return build_openai_app(self.client, cfg.served_model_name, api_keys=self.api_keys)
 
     opts = {k: v for k, v in pair_deployment_options(cfg).items() if v is not None}
     pair = serve.deployment(TowerPairServer).options(**opts)

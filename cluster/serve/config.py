@@ -64,6 +64,9 @@ class ServeConfig:
     # requests each caller (the ingress) queues for the tower pairs beyond that; past it a request is
     # refused at once with RESOURCE_EXHAUSTED / 429 and Retry-After, never an unbounded wait. -1 = no bound
     max_queued_requests: int = 256
+    # a file of API keys, one per line (a mounted Secret on Kubernetes): when set, both APIs need
+    # `Authorization: Bearer <key>` on everything but health checks (ingress/auth.py)
+    api_keys_file: str | None = None
     replicas: int | None = None  # a fixed number of tower pairs (autoscaling off); None = autoscaling
     engine: EngineConfig = field(default_factory=EngineConfig)
     pair: PairConfig = field(default_factory=PairConfig)
@@ -95,6 +98,8 @@ class ServeConfig:
             raise ValueError(f"request_timeout_s: must be > 0 (got {self.request_timeout_s})")
         if self.replicas is not None and (not isinstance(self.replicas, int) or self.replicas < 0):
             raise ValueError(f"replicas: must be an integer >= 0 or null for autoscaling (got {self.replicas!r})")
+        if self.api_keys_file is not None and not isinstance(self.api_keys_file, str):
+            raise ValueError(f"api_keys_file: must be a file path or null (got {self.api_keys_file!r})")
         if not self.served_model_name:
             raise ValueError("served_model_name: must not be empty")
         self.pair.validate()  # again: a caller may have changed a field since construction
