@@ -3,9 +3,6 @@ the health checks is refused (HTTP 401, gRPC UNAUTHENTICATED); with one it is se
 
 from __future__ import annotations
 
-import asyncio
-import threading
-
 import grpc
 import pytest
 from fastapi.testclient import TestClient
@@ -18,6 +15,8 @@ from twotower.cluster.ingress import grpc_service as gi
 from twotower.cluster.ingress.auth import ApiKeys
 from twotower.cluster.ingress.openai_app import build_openai_app
 from twotower.protos import pb2, pb2_grpc
+
+from .grpc_harness import running_grpc
 
 KEY, OTHER = "k" * 20 + "-first", "second-key-0123456789"
 
@@ -57,13 +56,7 @@ def test_http_needs_a_key_except_for_health(keys):
 
 
 def test_grpc_needs_a_key_except_for_health(keys):
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    server, port = asyncio.run_coroutine_threadsafe(
-        gi.start_grpc_server(gi.GrpcIngress(GrpcFake(), api_keys=keys)), loop).result(10)  # fmt: skip
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    try:
+    with running_grpc(lambda: gi.GrpcIngress(GrpcFake(), api_keys=keys)) as channel:
         stub = pb2_grpc.TwoTowerStub(channel)
         req = pb2.GenerateRequest(prompt_text="hello", sampling=pb2.SamplingParams(max_tokens=3))
         for md in ((), (("authorization", "Bearer nope-nope-nope-nope"),)):
@@ -77,9 +70,3 @@ def test_grpc_needs_a_key_except_for_health(keys):
         assert chunks and chunks[-1].finished
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING  # open without a key
-    finally:
-        channel.close()
-        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.close()

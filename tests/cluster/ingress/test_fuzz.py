@@ -10,11 +10,9 @@ request ids (gRPC). Valid requests are mixed in and must succeed.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import random
-import threading
 
 import grpc
 import pytest
@@ -30,6 +28,8 @@ from twotower.towers.config import preset
 from twotower.towers.context import ContextTower
 from twotower.towers.denoiser import DenoiserTower
 from twotower.towers.init import init_random_
+
+from .grpc_harness import running_grpc
 
 NAME = "tiny"
 BAD_STATUSES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
@@ -58,30 +58,8 @@ def http(model_dir):
 
 @pytest.fixture(scope="module")
 def channel(model_dir):
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def start():
-        return await gi.start_grpc_server(gi.GrpcIngress(_server(model_dir)))
-
-    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(60)
-    ch = grpc.insecure_channel(f"127.0.0.1:{port}")
-    try:
+    with running_grpc(lambda: gi.GrpcIngress(_server(model_dir))) as ch:
         yield ch
-    finally:
-        ch.close()
-        async def stop():
-            await server.stop(None)
-            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in others:  # the engine's step loop
-                t.cancel()
-            await asyncio.gather(*others, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.close()
 
 
 # ---- HTTP ------------------------------------------------------------------------------------------

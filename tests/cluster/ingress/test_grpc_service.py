@@ -27,6 +27,8 @@ from twotower.cluster.ingress.api_types import (
 )
 from twotower.protos import pb2, pb2_grpc
 
+from .grpc_harness import running_grpc
+
 LIMITS = ModelLimits(vocab_size=100, max_model_len=512, max_block_size=16, modes=("diffusion", "ar"))
 
 
@@ -91,19 +93,8 @@ class FakeServer:
 @pytest.fixture(scope="module")
 def served():
     fake = FakeServer()
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    server, port = asyncio.run_coroutine_threadsafe(gi.start_grpc_server(gi.GrpcIngress(fake)), loop).result(10)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    try:
+    with running_grpc(lambda: gi.GrpcIngress(fake)) as channel:
         yield fake, channel
-    finally:
-        channel.close()
-        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.close()
 
 
 def stub(served):
