@@ -37,6 +37,7 @@ from twotower.towers.denoiser import DenoiserTower  # noqa: E402
 from twotower.towers.init import init_random_  # noqa: E402
 
 APP = "twotower"
+KEY = "serve-test-key-0123456789"
 
 
 def _free_port() -> int:
@@ -67,7 +68,9 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster(model_dir):
+def cluster(model_dir, tmp_path_factory):
+    keys = tmp_path_factory.mktemp("keys") / "api_keys"
+    keys.write_text(KEY + "\n")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     dash, metrics_port = _free_port(), _free_port()
@@ -75,7 +78,7 @@ def cluster(model_dir):
              _metrics_export_port=metrics_port, log_to_driver=False)  # fmt: skip
     cfg = ServeConfig.from_dict({
         "model": str(model_dir), "app_name": APP, "http_port": _free_port(), "grpc_port": _free_port(),
-        "engine": {"max_model_len": 512, "max_num_seqs": 16, "eager": True},
+        "engine": {"max_model_len": 512, "max_num_seqs": 16, "eager": True}, "api_keys_file": str(keys),
         "pair": {"replica_cpus": 0.1, "micro_batches": 1},
         "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
                         "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 2},
@@ -108,7 +111,7 @@ def _local_tokens(model_dir, prompt: str, sp: SamplingParams) -> list[int]:
     return eng.generate([prompt], sp)[0].output_ids
 
 
-MD = (("application", APP),)
+MD = (("application", APP), ("authorization", f"Bearer {KEY}"))  # the app runs with API keys on
 
 
 def test_grpc_stream_equals_in_process_engine(cluster, model_dir):
@@ -125,7 +128,7 @@ def test_grpc_stream_equals_in_process_engine(cluster, model_dir):
 def test_http_stream_equals_in_process_engine(cluster, model_dir):
     import openai
 
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{cluster['cfg'].http_port}/v1", api_key="none")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{cluster['cfg'].http_port}/v1", api_key=KEY)
     sp = SamplingParams(mode="diffusion", max_tokens=24, block_size=8, gamma=0.5, ignore_eos=True)
     want = ByteTokenizer(260).decode(_local_tokens(model_dir, "hello", sp))
     stream = client.completions.create(model="twotower", prompt="hello", max_tokens=24, stream=True,
@@ -153,6 +156,14 @@ def test_health_reflection_model_info_and_invalid_requests(cluster):
     with pytest.raises(grpc.RpcError) as e:
         list(stub.Generate(bad, metadata=MD, timeout=30))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "block_size" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:  # through Serve's proxy, a call without the key is refused
+        stub.ModelInfo(pb.ModelInfoRequest(), metadata=(("application", APP),), timeout=30)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    import openai
+
+    anon = openai.OpenAI(base_url=f"http://127.0.0.1:{cluster['cfg'].http_port}/v1", api_key="not-a-key")
+    with pytest.raises(openai.AuthenticationError):
+        anon.completions.create(model="twotower", prompt="hi", max_tokens=2)
 
 
 def _pair_stats(cluster) -> dict:
