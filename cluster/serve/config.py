@@ -67,6 +67,12 @@ class ServeConfig:
     # a file of API keys, one per line (a mounted Secret on Kubernetes): when set, both APIs need
     # `Authorization: Bearer <key>` on everything but health checks (ingress/auth.py)
     api_keys_file: str | None = None
+    # HTTPS for the OpenAI-compatible API (Serve's HTTP proxy): certificate and key files (PEM); with
+    # tls_ca_certs, client certificates signed by that CA are verified too. The gRPC port stays
+    # plaintext: Serve's gRPC proxy has no TLS option (docs/grpc.md)
+    tls_certfile: str | None = None
+    tls_keyfile: str | None = None
+    tls_ca_certs: str | None = None
     replicas: int | None = None  # a fixed number of tower pairs (autoscaling off); None = autoscaling
     engine: EngineConfig = field(default_factory=EngineConfig)
     pair: PairConfig = field(default_factory=PairConfig)
@@ -98,8 +104,14 @@ class ServeConfig:
             raise ValueError(f"request_timeout_s: must be > 0 (got {self.request_timeout_s})")
         if self.replicas is not None and (not isinstance(self.replicas, int) or self.replicas < 0):
             raise ValueError(f"replicas: must be an integer >= 0 or null for autoscaling (got {self.replicas!r})")
-        if self.api_keys_file is not None and not isinstance(self.api_keys_file, str):
-            raise ValueError(f"api_keys_file: must be a file path or null (got {self.api_keys_file!r})")
+        for name in ("api_keys_file", "tls_certfile", "tls_keyfile", "tls_ca_certs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ValueError(f"{name}: must be a file path or null (got {v!r})")
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("tls_keyfile: HTTPS needs both tls_certfile and tls_keyfile")
+        if self.tls_ca_certs is not None and self.tls_certfile is None:
+            raise ValueError("tls_ca_certs: client certificates need HTTPS (tls_certfile and tls_keyfile)")
         if not self.served_model_name:
             raise ValueError("served_model_name: must not be empty")
         self.pair.validate()  # again: a caller may have changed a field since construction

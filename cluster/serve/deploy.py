@@ -46,11 +46,17 @@ def pair_deployment_options(cfg: ServeConfig) -> dict[str, Any]:
     }
 
 
+def _tls_options(cfg: ServeConfig) -> dict[str, str]:
+    """Serve's HTTPOptions for HTTPS (only the fields that are set)."""
+    opts = {"ssl_certfile": cfg.tls_certfile, "ssl_keyfile": cfg.tls_keyfile, "ssl_ca_certs": cfg.tls_ca_certs}
+    return {k: v for k, v in opts.items() if v is not None}
+
+
 def serve_deploy_config(cfg: ServeConfig, host: str = "0.0.0.0") -> dict[str, Any]:
     pair = {k: v for k, v in pair_deployment_options(cfg).items() if v is not None}
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": host, "port": cfg.http_port},
+        "http_options": {"host": host, "port": cfg.http_port, **_tls_options(cfg)},
         "grpc_options": {"port": cfg.grpc_port, "grpc_servicer_functions": grpc_servicer_functions()},
         "applications": [{
             "name": cfg.app_name,

@@ -36,6 +36,8 @@ from twotower.towers.context import ContextTower  # noqa: E402
 from twotower.towers.denoiser import DenoiserTower  # noqa: E402
 from twotower.towers.init import init_random_  # noqa: E402
 
+from .certs import write_test_certs  # noqa: E402
+
 APP = "twotower"
 KEY = "serve-test-key-0123456789"
 
@@ -69,8 +71,10 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(model_dir, tmp_path_factory):
-    keys = tmp_path_factory.mktemp("keys") / "api_keys"
+    secrets = tmp_path_factory.mktemp("secrets")
+    keys = secrets / "api_keys"
     keys.write_text(KEY + "\n")
+    ca, cert, key = write_test_certs(secrets)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     dash, metrics_port = _free_port(), _free_port()
@@ -79,6 +83,7 @@ def cluster(model_dir, tmp_path_factory):
     cfg = ServeConfig.from_dict({
         "model": str(model_dir), "app_name": APP, "http_port": _free_port(), "grpc_port": _free_port(),
         "engine": {"max_model_len": 512, "max_num_seqs": 16, "eager": True}, "api_keys_file": str(keys),
+        "tls_certfile": str(cert), "tls_keyfile": str(key),
         "pair": {"replica_cpus": 0.1, "micro_batches": 1},
         "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
                         "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 2},
@@ -88,7 +93,7 @@ def cluster(model_dir, tmp_path_factory):
     _wait(lambda: replica_counts(dashboard, APP).get("TowerPair") == 1, 180, "the app to start")
     channel = grpc.insecure_channel(f"127.0.0.1:{cfg.grpc_port}")
     _wait(lambda: _health(channel) == 1, 60, "gRPC health SERVING")
-    yield {"cfg": cfg, "dashboard": dashboard, "channel": channel, "metrics_port": metrics_port}
+    yield {"cfg": cfg, "dashboard": dashboard, "channel": channel, "metrics_port": metrics_port, "ca": ca}
     channel.close()
     from ray import serve
 
@@ -114,6 +119,14 @@ def _local_tokens(model_dir, prompt: str, sp: SamplingParams) -> list[int]:
 MD = (("application", APP), ("authorization", f"Bearer {KEY}"))  # the app runs with API keys on
 
 
+def _openai(cluster, key: str):
+    """An openai client over HTTPS (the app serves TLS with a test CA's certificate for 127.0.0.1)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"https://127.0.0.1:{cluster['cfg'].http_port}/v1", api_key=key, max_retries=0,
+                         http_client=openai.DefaultHttpxClient(verify=str(cluster["ca"])))  # fmt: skip
+
+
 def test_grpc_stream_equals_in_process_engine(cluster, model_dir):
     stub = pb_grpc.TwoTowerStub(cluster["channel"])
     for mode, pmode in (("diffusion", pb.MODE_DIFFUSION), ("ar", pb.MODE_AR), ("lossless", pb.MODE_LOSSLESS)):
@@ -128,7 +141,7 @@ def test_grpc_stream_equals_in_process_engine(cluster, model_dir):
 def test_http_stream_equals_in_process_engine(cluster, model_dir):
     import openai
 
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{cluster['cfg'].http_port}/v1", api_key=KEY)
+    client = _openai(cluster, KEY)
     sp = SamplingParams(mode="diffusion", max_tokens=24, block_size=8, gamma=0.5, ignore_eos=True)
     want = ByteTokenizer(260).decode(_local_tokens(model_dir, "hello", sp))
     stream = client.completions.create(model="twotower", prompt="hello", max_tokens=24, stream=True,
@@ -161,9 +174,11 @@ def test_health_reflection_model_info_and_invalid_requests(cluster):
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     import openai
 
-    anon = openai.OpenAI(base_url=f"http://127.0.0.1:{cluster['cfg'].http_port}/v1", api_key="not-a-key")
     with pytest.raises(openai.AuthenticationError):
-        anon.completions.create(model="twotower", prompt="hi", max_tokens=2)
+        _openai(cluster, "not-a-key").completions.create(model="twotower", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.APIConnectionError):  # HTTPS only: a plaintext client gets no answer
+        openai.OpenAI(base_url=f"http://127.0.0.1:{cluster['cfg'].http_port}/v1", api_key=KEY,
+                      max_retries=0).completions.create(model="twotower", prompt="hi", max_tokens=2)
 
 
 def _pair_stats(cluster) -> dict:
