@@ -36,6 +36,9 @@ def test_defaults_and_round_trip():
         ({"engine": {"warmup_block_sizes": [0]}}, "warmup_block_sizes"),
         ({"engine": {"eager": "no"}}, "eager"),
         ({"max_queued_requests": 0}, "max_queued_requests"),
+        ({"tls_certfile": "/tls/cert.pem"}, "tls_keyfile"),
+        ({"tls_ca_certs": "/tls/ca.pem"}, "tls_ca_certs"),
+        ({"api_keys_file": ""}, "api_keys_file"),
         ({"bogus": 1}, "bogus"),
         ({"pair": {"bogus": 1}}, "bogus"),
     ],
@@ -87,3 +90,12 @@ def test_the_import_path_of_configs_deployed_before_the_move_still_resolves():
 
     assert old.build_app is new.build_app
     assert IMPORT_PATH == "twotower.cluster.serve.app:build_app"
+
+
+def test_tls_files_become_serve_http_ssl_options():
+    cfg = ServeConfig(model="/models/m", tls_certfile="/tls/c.pem", tls_keyfile="/tls/k.pem", tls_ca_certs="/tls/ca")
+    dc = serve_deploy_config(cfg)
+    _validate(dc)
+    assert dc["http_options"] == {"host": "0.0.0.0", "port": 8000, "ssl_certfile": "/tls/c.pem",
+                                  "ssl_keyfile": "/tls/k.pem", "ssl_ca_certs": "/tls/ca"}  # fmt: skip
+    assert "ssl_certfile" not in serve_deploy_config(ServeConfig(model="/m"))["http_options"]
