@@ -64,6 +64,9 @@ class ServeConfig:
     # requests each caller (the ingress) queues for the tower pairs beyond that; past it a request is
     # refused at once with RESOURCE_EXHAUSTED / 429 and Retry-After, never an unbounded wait. -1 = no bound
     max_queued_requests: int = 256
+    # on scale-down and shutdown a tower pair stops taking requests and lets those in flight finish for up
+    # to this long before it is stopped (Serve's graceful_shutdown_timeout_s)
+    drain_timeout_s: float = 120.0
     # a file of API keys, one per line (a mounted Secret on Kubernetes): when set, both APIs need
     # `Authorization: Bearer <key>` on everything but health checks (ingress/auth.py)
     api_keys_file: str | None = None
@@ -97,6 +100,8 @@ class ServeConfig:
             raise ValueError("grpc_port: must differ from http_port")
         if self.max_ongoing_requests < 1:
             raise ValueError(f"max_ongoing_requests: must be >= 1 (got {self.max_ongoing_requests})")
+        if not isinstance(self.drain_timeout_s, (int, float)) or not 0 <= self.drain_timeout_s <= 3600:
+            raise ValueError(f"drain_timeout_s: must be in [0, 3600] seconds (got {self.drain_timeout_s!r})")
         q = self.max_queued_requests
         if not isinstance(q, int) or isinstance(q, bool) or (q < 1 and q != -1):
             raise ValueError(f"max_queued_requests: must be >= 1, or -1 for no bound (got {q!r})")

@@ -36,6 +36,7 @@ def pair_deployment_options(cfg: ServeConfig) -> dict[str, Any]:
         "ray_actor_options": {"num_cpus": p.replica_cpus},
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "max_queued_requests": cfg.max_queued_requests,
+        "graceful_shutdown_timeout_s": cfg.drain_timeout_s,  # in-flight streams finish on scale-down
         "num_replicas": cfg.replicas,  # either a fixed count ...
         "autoscaling_config": cfg.autoscaling.to_serve() if cfg.replicas is None else None,  # ... or autoscaling
         "health_check_period_s": 10,

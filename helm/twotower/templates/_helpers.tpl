@@ -217,7 +217,7 @@ serveConfigV2: what twotower.cluster.serve.deploy.serve_deploy_config(ServeConfi
 {{- $p := $s.pair }}
 {{- $args := deepCopy $s }}
 {{- $_ := set $args "model" (include "twotower.modelPath" .) }}
-{{- $pair := dict "name" "TowerPair" "ray_actor_options" (dict "num_cpus" $p.replica_cpus) "max_ongoing_requests" $s.max_ongoing_requests "max_queued_requests" $s.max_queued_requests "health_check_period_s" 10 "health_check_timeout_s" 30 }}
+{{- $pair := dict "name" "TowerPair" "ray_actor_options" (dict "num_cpus" $p.replica_cpus) "max_ongoing_requests" $s.max_ongoing_requests "max_queued_requests" $s.max_queued_requests "graceful_shutdown_timeout_s" $s.drain_timeout_s "health_check_period_s" 10 "health_check_timeout_s" 30 }}
 {{- if include "twotower.isSet" $s.replicas }}
 {{- $_ := set $pair "num_replicas" $s.replicas }}
 {{- else }}

@@ -37,6 +37,7 @@ def test_defaults_and_round_trip():
         ({"engine": {"eager": "no"}}, "eager"),
         ({"max_queued_requests": 0}, "max_queued_requests"),
         ({"tls_certfile": "/tls/cert.pem"}, "tls_keyfile"),
+        ({"drain_timeout_s": -1}, "drain_timeout_s"),
         ({"tls_ca_certs": "/tls/ca.pem"}, "tls_ca_certs"),
         ({"api_keys_file": ""}, "api_keys_file"),
         ({"bogus": 1}, "bogus"),
@@ -56,6 +57,7 @@ def test_deploy_config_is_a_valid_serve_config_and_scales():
     pair = dc["applications"][0]["deployments"][0]
     assert pair["placement_group_bundles"] == [{"CPU": 0.5}, {"GPU": 1.0}, {"GPU": 1.0}]
     assert pair["max_queued_requests"] == 256  # a bounded queue: past it, 429 / RESOURCE_EXHAUSTED at once
+    assert pair["graceful_shutdown_timeout_s"] == 120.0  # in-flight streams drain on scale-down
     assert pair["placement_group_strategy"] == "STRICT_PACK"
     assert pair["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in pair
     assert "twotower.protos.twotower_v1_pb2_grpc.add_TwoTowerServicer_to_server" in (
