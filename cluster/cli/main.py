@@ -101,6 +101,20 @@ def _connect_ray(address: str | None, dashboard_port: int):
 RAY_CONNECT_TIMEOUT_S = 30.0
 
 
+def ray_auth_token() -> str | None:
+    """The Ray cluster token this process uses (RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or
+    ~/.ray/auth_token, where `ray.init` writes the one it generates), or None when Ray auth is off."""
+    import os
+    from pathlib import Path
+
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    return path.read_text().strip() if path.is_file() else None
+
+
 def _within(seconds: float, what: str, connect):
     """connect() in a helper thread, so that a dead or stale GCS address (which ray.init retries without
     end, ignoring Ctrl-C) ends in a message and exit status 1 after `seconds`."""
@@ -180,7 +194,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
         os._exit(130)
     dashboard = "http://" + (ctx.dashboard_url or f"127.0.0.1:{a.dashboard_port}")
-    put_config(dashboard, serve_deploy_config(cfg, host=a.host))
+    token = ray_auth_token()  # Ray 2.60 turns token auth on for a new local cluster: the dashboard needs it
+    put_config(dashboard, serve_deploy_config(cfg, host=a.host), token)
     print(f"deploying {cfg.app_name} (model {cfg.model}) ...", file=sys.stderr)
     if not cfg.engine.eager and cfg.engine.warmup:
         where = "GPUs" if cfg.pair.use_gpus else ("CPUs (about 13 min for the bundled model on 2 cores when "
@@ -190,7 +205,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     t0 = time.monotonic()
     while time.monotonic() - t0 < a.timeout:
         try:
-            counts = replica_counts(dashboard, cfg.app_name)
+            counts = replica_counts(dashboard, cfg.app_name, token)
         except RuntimeError:
             counts = {}
         if counts and all(n > 0 for n in counts.values()):
@@ -214,8 +229,9 @@ def cmd_scale(a: argparse.Namespace) -> int:
     from twotower.cluster.serve.deploy import deployed_config, put_config, set_replicas
 
     try:
-        cfg = set_replicas(deployed_config(a.dashboard, a.token), a.app, a.replicas, a.min_replicas, a.max_replicas)
-        put_config(a.dashboard, cfg, a.token)
+        token = a.token or ray_auth_token()
+        cfg = set_replicas(deployed_config(a.dashboard, token), a.app, a.replicas, a.min_replicas, a.max_replicas)
+        put_config(a.dashboard, cfg, token)
     except (RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -269,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--replicas", type=int, default=None, help="fixed number of pairs (autoscaling off)")
     c.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound")
     c.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound")
-    c.add_argument("--token", default=None, help="Ray auth token (clusters with token auth)")
+    c.add_argument("--token", default=None, help="Ray auth token (default: RAY_AUTH_TOKEN or ~/.ray/auth_token)")
     c.set_defaults(fn=cmd_scale)
     b = sub.add_parser("bench-serve", help="gRPC load generator with a concurrency sweep")
     b.add_argument("--target", default="127.0.0.1:9000")
