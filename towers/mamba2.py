@@ -117,21 +117,13 @@ class Mamba2Mixer(nn.Module):
     ) -> Tensor:
         """`forward` over a state pool: row r starts from pool row slots[r]; with `write` the states after
         the input are stored back there in place. A decode token is one fused step (conv update +
-        selective state update) on the pool rows; a block of <= 64 tokens is one seeded block scan that
-        reads and writes the pool rows directly (kernels.ssd_block_scan). Only the small conv history is
-        gathered. Longer inputs take `forward` on gathered copies.
+        selective state update) on the pool rows; a block is one seeded scan (`_scan_slots`). Only the
+        small conv history is gathered.
 
         With `record` (a list; verify) the state is NOT advanced: the block's inputs are appended to it
         instead, and `advance_slots` later moves the state by the prefix that was kept."""
         bsz, seqlen, _ = u.shape
-        if record is not None and seqlen > kernels.MAX_BLOCK_LEN:
-            raise ValueError(f"a recorded (verified) block holds at most {kernels.MAX_BLOCK_LEN} tokens")
         write = write and record is None
-        if seqlen > kernels.MAX_BLOCK_LEN:
-            out, new = self.forward(u, MambaState(pool.conv[slots], pool.ssm[slots]), n_valid)
-            if write:
-                pool.conv[slots], pool.ssm[slots] = new.conv, new.ssm
-            return out
         z, xBC, dt_raw = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         weight = self.conv1d.weight[:, 0, :]  # [conv_dim, k]
         A = -torch.exp(self.A_log.float())
@@ -151,19 +143,26 @@ class Mamba2Mixer(nn.Module):
 
     def _scan_slots(self, pool: MambaState, slots: Tensor, xBC_t: Tensor, dt: Tensor, A: Tensor,
                     n_valid: Tensor | None, write: bool) -> Tensor:  # fmt: skip
-        """Conv + silu + seeded block scan of raw columns xBC_t [b, conv_dim, l] from the pool rows (dt
-        already 0 past each row's tokens); with `write` the states after them go back in place.
+        """Conv + silu + seeded scan of raw columns xBC_t [b, conv_dim, l] from the pool rows (dt already 0
+        past each row's tokens); with `write` the states after them go back in place. Up to
+        kernels.MAX_BLOCK_LEN tokens one block scan reads and writes the pool rows directly
+        (kernels.ssd_block_scan); longer inputs take the chunked scan on a gathered copy of the states.
         Returns y [b, l, h, p] float32."""
         bsz, seqlen = dt.shape[:2]
         gn = self.ngroups * self.dstate
         conv0 = pool.conv[slots]  # [b, conv_dim, k] gathered (small): the conv history
         conv_out = kernels.causal_conv1d(xBC_t, self.conv1d.weight[:, 0, :], self.conv1d.bias, history=conv0[..., 1:])
         x, B, C = torch.split(F.silu(conv_out.transpose(1, 2)), [self.d_inner, gn, gn], dim=-1)
-        y, _ = kernels.ssd_block_scan(
-            x.reshape(bsz, seqlen, self.nheads, self.hdim), dt, A,
-            B.reshape(bsz, seqlen, self.ngroups, self.dstate), C.reshape(bsz, seqlen, self.ngroups, self.dstate),
-            self.D, pool.ssm, state_slots=slots, out_state=pool.ssm if write else None,
-        )  # fmt: skip
+        x = x.reshape(bsz, seqlen, self.nheads, self.hdim)
+        B, C = B.reshape(bsz, seqlen, self.ngroups, self.dstate), C.reshape(bsz, seqlen, self.ngroups, self.dstate)
+        if seqlen <= kernels.MAX_BLOCK_LEN:
+            y, _ = kernels.ssd_block_scan(x, dt, A, B, C, self.D, pool.ssm, state_slots=slots,
+                                          out_state=pool.ssm if write else None)  # fmt: skip
+        else:
+            y, final = kernels.ssd_scan(x, dt, A, B, C, self.D, initial_state=pool.ssm[slots],
+                                        chunk_size=self.cfg.chunk_size)  # fmt: skip
+            if write:
+                pool.ssm[slots] = final.to(pool.ssm.dtype)
         if write:
             pool.conv[slots] = kernels.conv_state_after(conv0, xBC_t, n_valid).to(pool.conv.dtype)
         return y

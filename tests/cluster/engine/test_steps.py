@@ -190,3 +190,14 @@ def test_captured_steps_equal_eager_on_cuda(towers):
         outs[compile] = [[r.output_ids for r in eng.generate([[5, 6, 7], [8, 9]], P(mode=m, max_tokens=20,
                           block_size=4, ignore_eos=True))] for m in ("ar", "diffusion", "lossless", "mock_ar")]
     assert outs[True] == outs[False]
+
+
+def test_blocks_longer_than_the_block_scan_take_the_chunked_scan(towers):
+    """A block past kernels.MAX_BLOCK_LEN (64) is scanned in chunks on gathered states, verify and rewind
+    included: lossless at S 80 still equals greedy AR."""
+    ex = InProcessExecutor(*towers, PoolLimits(slots=2, max_model_len=300, max_block_size=100, min_window=16))
+    eng = Engine(ex, ModelLimits(260, 300, 100), max_num_seqs=2)
+    ar = eng.generate([[5, 6, 7]], P(mode="ar", max_tokens=150, ignore_eos=True))[0]
+    ll = eng.generate([[5, 6, 7]], P(mode="lossless", block_size=80, steps_per_block=1, max_tokens=150,
+                                     ignore_eos=True))[0]  # fmt: skip
+    assert ll.output_ids == ar.output_ids and len(ar.output_ids) == 150
