@@ -10,6 +10,9 @@ through the in-process engine, and we report
   quality (a) next-line exact match: the first generated line equals the held-out line,
           (b) mean log-likelihood per generated token under the context tower (teacher-forced),
           (c) agreement with AR greedy: fraction of positions where the token equals AR's,
+  the memory-bound cost (cost_model.py, exact counts at batch 1 on the same subset): distinct experts
+  touched per MoE layer per forward of each tower, bytes read per generated token, and from those the
+  modelled memory-bound speed-up over AR,
   and "quality retained" = (a') next-line prefix match (the fraction of the held-out line reproduced
   before the first wrong character) relative to AR's; exact match is too sparse for a 5M-parameter
   model to carry a ratio (it is reported beside it, with (b) and (c)).
@@ -28,6 +31,8 @@ from dataclasses import dataclass, field
 
 from twotower.cluster.engine.engine import Engine
 from twotower.cluster.engine.params import SamplingParams
+
+from .cost_model import Cost, CostMeter, speedup
 
 
 @dataclass
@@ -51,6 +56,7 @@ class Row:
     next_line_prefix: float = 0.0  # fraction of the held-out line's characters reproduced before the first error
     loglik: float = 0.0  # mean log p per generated token under the context tower
     ar_agree: float = 0.0
+    cost: Cost | None = None  # memory-bound cost at batch 1 (None: not an in-process engine)
     extras: dict = field(default_factory=dict)
 
     @property
@@ -115,8 +121,9 @@ def grid(block_sizes: list[int], gammas: list[float], max_tokens: int, few_steps
     base = dict(max_tokens=max_tokens, ignore_eos=False, temperature=0.0)
     out = [("AR", SamplingParams(mode="ar", **base)),
            ("lossless S=16", SamplingParams(mode="lossless", block_size=16, gamma=0.8, **base)),
-           # a draft from one denoiser forward: shorter accepted prefixes, far fewer forwards
-           ("lossless S=16 T=1", SamplingParams(mode="lossless", block_size=16, steps_per_block=1, **base)),
+           # drafts from one denoiser forward: shorter accepted prefixes, far fewer forwards
+           *((f"lossless S={s} T=1", SamplingParams(mode="lossless", block_size=s, steps_per_block=1, **base))
+             for s in (4, 8, 16)),
            ("mock-AR", SamplingParams(mode="mock_ar", **base))]  # fmt: skip
     for s in block_sizes:
         for g in gammas:
@@ -171,9 +178,26 @@ def evaluate(engine: Engine, prompts: list[Prompt], configs: list[tuple[str, Sam
         t1 = time.perf_counter()
         n_tok = sum(len(engine.generate([t], sp)[0].output_ids) for t in texts[:speed_prompts])
         row.tok_s = n_tok / (time.perf_counter() - t1)
+        row.cost = measure_cost(engine, texts[:speed_prompts], sp)
         rows.append(row)
         log(f"  {label}: {time.perf_counter() - t0:.1f} s")
     return rows
+
+
+def measure_cost(engine: Engine, texts: list[str], sp: SamplingParams) -> Cost | None:
+    """The summed memory-bound cost of generating each text alone (batch 1), untimed."""
+    if not hasattr(engine.ex, "ctx"):  # counting hooks the in-process runners
+        return None
+    total = Cost()
+    for text in texts:
+        with CostMeter(engine.ex) as meter:
+            out = engine.generate([text], sp)[0]
+        total.add(meter.cost(len(out.output_ids)))
+    return total
+
+
+def modelled_speedup(r: Row, ar: Row) -> float:
+    return speedup(r.cost, ar.cost) if r.cost and ar.cost else float("nan")
 
 
 def _ratio(a: float, b: float) -> float:
@@ -194,38 +218,50 @@ def likelihood_retained(r: Row, ar: Row) -> float:
 def table(rows: list[Row]) -> str:
     ar = rows[0]
     lines = ["| config | TPF den | TPF ctx | TPF all | tok/s (b=1) | x AR | next-line EM | next-line prefix | "
-             "retained | loglik/token | lik. retained | AR agree |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "retained | loglik/token | lik. retained | AR agree | experts/layer ctx | experts/layer den | "
+             "KB read/token | modelled x AR |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    nan = float("nan")
     for r in rows:
+        c = r.cost
+        ex_ctx = c.towers["context"].experts_per_layer if c else nan
+        ex_den = c.towers["denoiser"].experts_per_layer if c else nan
+        kb = c.bytes_per_token / 1e3 if c else nan
         lines.append(f"| {r.label} | {r.tpf_den:.2f} | {r.tpf_ctx:.2f} | {r.tpf_all:.2f} | {r.tok_s:.1f} | "
                      f"{_ratio(r.tok_s, ar.tok_s):.2f} | {r.next_line_em:.3f} | "
                      f"{r.next_line_prefix:.3f} | {prefix_retained(r, ar):.3f} | {r.loglik:.3f} | "
-                     f"{likelihood_retained(r, ar):.3f} | {r.ar_agree:.3f} |")  # fmt: skip
+                     f"{likelihood_retained(r, ar):.3f} | {r.ar_agree:.3f} | {ex_ctx:.2f} | {ex_den:.2f} | "
+                     f"{kb:.0f} | {modelled_speedup(r, ar):.2f} |")  # fmt: skip
     return "\n".join(lines)
 
 
-def _panel(ax, rows: list[Row], quality, ylabel: str) -> None:
-    """One trade-off panel: x = tokens/s relative to AR, y = quality(row, ar)."""
+def _cpu_speed(r: Row, ar: Row) -> float:
+    return _ratio(r.tok_s, ar.tok_s)
+
+
+def _panel(ax, rows: list[Row], quality, ylabel: str, speed=_cpu_speed,
+           xlabel: str = "throughput multiple (tokens/s relative to AR, batch 1)") -> None:  # fmt: skip
+    """One trade-off panel: x = speed(row, ar), y = quality(row, ar)."""
     ar = rows[0]
     full = [r for r in rows if r.mode == "diffusion" and r.steps == r.block_size]
     for s in sorted({r.block_size for r in full}):
-        pts = sorted(((_ratio(r.tok_s, ar.tok_s), quality(r, ar), r.gamma) for r in full if r.block_size == s),
+        pts = sorted(((speed(r, ar), quality(r, ar), r.gamma) for r in full if r.block_size == s),
                      key=lambda p: p[2])  # fmt: skip
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"diffusion S={s} (labels: gamma)")
         for x, y, g in pts:
             ax.annotate(f"{g}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
     few = [r for r in rows if r.mode == "diffusion" and r.steps != r.block_size]
     for t in sorted({r.steps for r in few}):
-        pts = sorted((_ratio(r.tok_s, ar.tok_s), quality(r, ar), r.block_size) for r in few if r.steps == t)
+        pts = sorted((speed(r, ar), quality(r, ar), r.block_size) for r in few if r.steps == t)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "x--", label=f"diffusion T={t} (labels: S)")
         for x, y, s in pts:
             ax.annotate(f"S{s}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, -9))
     for r in rows:
         if r.mode in ("ar", "lossless", "mock_ar"):
-            ax.plot(_ratio(r.tok_s, ar.tok_s), quality(r, ar), "s", label=r.label)
+            ax.plot(speed(r, ar), quality(r, ar), "s", label=r.label)
     ax.axhline(1.0, color="grey", lw=0.5)
     ax.axvline(1.0, color="grey", lw=0.5)
-    ax.set_xlabel("throughput multiple (tokens/s relative to AR, batch 1)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
 
 
@@ -235,9 +271,11 @@ def plot(rows: list[Row], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5))
+    fig, (left, right, model) = plt.subplots(1, 3, figsize=(19, 5.5))
     _panel(left, rows, prefix_retained, "quality retained (next-line prefix match relative to AR)")
     _panel(right, rows, likelihood_retained, "likelihood retained (exp(mean log p - AR's), context tower)")
+    _panel(model, rows, likelihood_retained, "likelihood retained", speed=modelled_speedup,
+           xlabel="modelled memory-bound speed-up over AR (bytes read per token, batch 1)")
     left.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()

@@ -246,12 +246,16 @@ def mock_ar_kl(den: DenoiserTower, window: Tensor, feats: ContextFeatures, layou
 
 
 # ---- corruption and loss ------------------------------------------------------------------------------
-def corrupt(x: Tensor, S: int, gen: torch.Generator, t_min: float = 0.02) -> tuple[Tensor, Tensor]:
-    """x [b, n*S] clean blocks -> (masked [b, n*S] bool, t [b, n]): per block t ~ U[t_min, 1], each token
-    masked with probability t, at least one masked token per block."""
+def corrupt(
+    x: Tensor, S: int, gen: torch.Generator, t_min: float = 0.02, t_power: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """x [b, n*S] clean blocks -> (masked [b, n*S] bool, t [b, n]): per block t = t_min + (1 - t_min) u^(1/p),
+    u ~ U[0, 1] (p = t_power; 1 is uniform, p > 1 leans to t near 1, the fully masked blocks that one-forward
+    drafts and first denoising steps see), each token masked with probability t, at least one per block."""
     b, N = x.shape
     n = N // S
-    t = torch.rand(b, n, 1, generator=gen) * (1 - t_min) + t_min
+    u = torch.rand(b, n, 1, generator=gen)
+    t = (u if t_power == 1.0 else u.pow(1.0 / t_power)) * (1 - t_min) + t_min
     masked = torch.rand(b, n, S, generator=gen) < t
     force = torch.randint(0, S, (b, n), generator=gen)
     none = ~masked.any(-1)
@@ -283,13 +287,14 @@ def denoiser_loss(
     complementary: bool = True,
     t_min: float = 0.02,
     mock_ar_weight: float = 0.0,
+    t_power: float = 1.0,
 ) -> DenoiserLoss:
     """Mean masked NLL over a batch of clean windows [b, P + n*S] (loss only on the n blocks), plus the
     weighted mock-AR term."""
     feats = context_features(ctx, window, layout, teacher=mock_ar_weight > 0)
     mock = mock_ar_kl(den, window, feats, layout) if mock_ar_weight > 0 else None
     x = window[:, layout.prefix :]
-    masked, _ = corrupt(x, layout.block, gen, t_min)
+    masked, _ = corrupt(x, layout.block, gen, t_min, t_power)
     if complementary:
         masked = torch.cat([masked, ~masked])
         x = torch.cat([x, x])
@@ -342,6 +347,7 @@ class DenoiserConfig:
     batch: int = 4  # windows per step (x2 rows with complementary masking)
     complementary: bool = True
     t_min: float = 0.02
+    t_power: float = 1.0  # training draws t = t_min + (1 - t_min) u^(1/t_power); held-out eval stays uniform
     distill_fraction: float = 0.7  # share of steps on [prefix | AR greedy continuation] windows
     distill_count: int = 8192
     distill_prefix: int = 48
@@ -467,7 +473,8 @@ def train_denoiser(
         else:
             layout = _real_layout(cfg, gen)
             window, kind = random_windows(train, cfg.batch, layout.length, gen), "real"
-        parts = denoiser_loss(den, ctx, window, layout, gen, cfg.complementary, cfg.t_min, cfg.mock_ar_weight)
+        parts = denoiser_loss(den, ctx, window, layout, gen, cfg.complementary, cfg.t_min, cfg.mock_ar_weight,
+                             cfg.t_power)
         loss = parts.total
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -56,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-complementary", action="store_true")
     p.add_argument("--mock-ar-weight", type=float, default=1.0, help="weight of the denoiser's mock-AR KL term")
     p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--t-power", type=float, default=1.0,
+                   help="denoiser training t = t_min + (1 - t_min) u^(1/p); p > 1 leans to fully masked blocks")
+    p.add_argument("--init-from", default=None,
+                   help="fine-tune: take the tokenizer and both towers from this checkpoint directory, skip AR "
+                        "training and continue the denoiser from its weights (MODEL.md is left to the caller)")
     p.add_argument("--max-files", type=int, default=None, help="smoke runs: use only the first N files")
     return p.parse_args(argv)
 
@@ -94,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"corpus {corpus.root}: {len(corpus.files)} files ({len(train_idx)} train / {len(held_idx)} held out), "
         f"{corpus.num_bytes() / 1e6:.1f} MB, sha256 {digest}")  # fmt: skip
     tok_path = run_dir / "tokenizer.json"
+    if a.init_from and not tok_path.is_file():
+        T.save(T.load(Path(a.init_from) / "tokenizer.json"), run_dir)
     if tok_path.is_file():
         tok = T.load(tok_path)
     else:
@@ -117,20 +124,32 @@ def main(argv: list[str] | None = None) -> int:
     log(f"tokens: train {train.numel():,}, held out {heldout.numel():,} (vocab {tok.get_vocab_size()})")
 
     # ---- AR context tower ----
-    cfg = bundled_config(tok.get_vocab_size())
-    ctx = init_for_training_(ContextTower(cfg), seed=a.seed)
-    log(f"context tower: pattern {cfg.pattern}, hidden {cfg.hidden_size}, {count_params(ctx):,} params")
     arc = ARConfig(seq_len=a.seq_len, batch=a.batch_ar, steps=a.steps_ar, minutes=a.minutes_ar,
                    eval_every=a.eval_every, seed=a.seed, optim=OptimConfig(lr=a.lr_ar))  # fmt: skip
-    ar_sum = train_ar(ctx, train, heldout, run_dir, arc, log)
+    if a.init_from:  # fine-tune: the context tower stays exactly the source's (bf16 values in float32)
+        ctx = load_tower(a.init_from, "context", dtype=torch.float32)
+        cfg = ctx.cfg
+        heldout_ar = eval_ar(ctx, heldout, a.seq_len, a.batch_ar * 4, arc.eval_windows)
+        ar_sum = {"minutes": 0.0, "steps": 0, "tokens": 0, "heldout_loss": heldout_ar, "history": [],
+                  "init_from": str(a.init_from)}  # fmt: skip
+        log(f"context tower from {a.init_from}: held-out loss {heldout_ar:.4f}")
+    else:
+        cfg = bundled_config(tok.get_vocab_size())
+        ctx = init_for_training_(ContextTower(cfg), seed=a.seed)
+        log(f"context tower: pattern {cfg.pattern}, hidden {cfg.hidden_size}, {count_params(ctx):,} params")
+        ar_sum = train_ar(ctx, train, heldout, run_dir, arc, log)
     wall["ar_min"] = ar_sum["minutes"]
 
     # ---- denoiser ----
-    den = denoiser_from_context(ctx, seed=a.seed)
+    if a.init_from:
+        den = load_tower(a.init_from, "denoiser", dtype=torch.float32)
+        log(f"denoiser from {a.init_from}: {count_params(den):,} params")
+    else:
+        den = denoiser_from_context(ctx, seed=a.seed)
     dc = DenoiserConfig(block=a.block, nblocks=a.seq_len // a.block, batch=a.batch_denoiser,
                         complementary=not a.no_complementary, distill_fraction=a.distill_fraction,
                         distill_count=a.distill_count, mock_ar_weight=a.mock_ar_weight,
-                        steps=a.steps_denoiser, minutes=a.minutes_denoiser,
+                        steps=a.steps_denoiser, minutes=a.minutes_denoiser, t_power=a.t_power,
                         eval_every=a.eval_every, seed=a.seed,
                         optim=OptimConfig(lr=a.lr_denoiser, warmup_steps=50))  # fmt: skip
     den_sum = train_denoiser(den, ctx, train, heldout, run_dir, dc, log)
@@ -186,15 +205,16 @@ def main(argv: list[str] | None = None) -> int:
         "ar_config": {"seq_len": arc.seq_len, "batch": arc.batch, "lr": arc.optim.lr, "schedule": "WSD"},
         "denoiser": {k: v for k, v in den_sum.items() if k != "history"},
         "denoiser_config": {"block": dc.block, "blocks_per_window": dc.nblocks, "batch": dc.batch,
-                            "complementary": dc.complementary, "t_min": dc.t_min,
+                            "complementary": dc.complementary, "t_min": dc.t_min, "t_power": dc.t_power,
                             "distill_fraction": dc.distill_fraction, "distill_count": dc.distill_count,
                             "distill_prefix": dc.distill_prefix, "distill_blocks": dc.distill_blocks,
                             "mock_ar_weight": dc.mock_ar_weight, "lr": dc.optim.lr},
         "wall": wall, "checks": report, "ar_history": ar_sum["history"], "denoiser_history": den_sum["history"],
     }  # fmt: skip
     (run_dir / "summary.json").write_text(json.dumps(info, indent=2) + "\n")
-    (out / "MODEL.md").write_text(model_card(info, cfg))
-    log(f"done in {wall['total_min']:.1f} min; MODEL.md written")
+    if not a.init_from:
+        (out / "MODEL.md").write_text(model_card(info, cfg))
+    log(f"done in {wall['total_min']:.1f} min" + ("" if a.init_from else "; MODEL.md written"))
     return 0
 
 

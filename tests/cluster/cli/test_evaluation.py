@@ -47,11 +47,12 @@ def test_small_grid_on_the_bundled_model(tmp_path):
     rows = ev.evaluate(engine, prompts, ev.grid([4], [0.8], 8, few_steps=(2, 4)), speed_prompts=1,
                        log=lambda m: None)  # fmt: skip
     by = {r.label: r for r in rows}
-    assert list(by) == ["AR", "lossless S=16", "lossless S=16 T=1", "mock-AR", "diffusion S=4 g=0.8",
-                        "diffusion S=4 T=2 g=0.8"]  # T=4 is not below S=4: no row  # fmt: skip
+    assert list(by) == ["AR", "lossless S=16", "lossless S=4 T=1", "lossless S=8 T=1", "lossless S=16 T=1",
+                        "mock-AR", "diffusion S=4 g=0.8", "diffusion S=4 T=2 g=0.8"]  # fmt: skip
+    # (T=4 is not below S=4: no row)
     ar, mock, dif = by["AR"], by["mock-AR"], by["diffusion S=4 g=0.8"]
     assert ar.ar_agree == 1.0 and ar.den_forwards == 0 and ar.tpf_ctx == 1.0
-    for ll in (by["lossless S=16"], by["lossless S=16 T=1"]):
+    for ll in (by["lossless S=16"], by["lossless S=4 T=1"], by["lossless S=8 T=1"], by["lossless S=16 T=1"]):
         assert ll.ar_agree == 1.0 and ll.next_line_prefix == ar.next_line_prefix  # float32 on CPU: exact
     assert by["lossless S=16 T=1"].den_forwards < by["lossless S=16"].den_forwards
     assert mock.den_forwards == mock.tokens  # one token per denoiser forward
@@ -60,6 +61,9 @@ def test_small_grid_on_the_bundled_model(tmp_path):
     assert few.steps == 2 and few.den_forwards <= 2 * few.ctx_forwards  # at most T forwards per block
     for r in rows:
         assert r.loglik < 0 and r.tok_s > 0 and 0.0 <= r.next_line_prefix <= 1.0
+        assert r.cost is not None and r.cost.tokens > 0 and ev.modelled_speedup(r, ar) > 0
+    assert ev.modelled_speedup(ar, ar) == 1.0 and ar.cost.towers["denoiser"].forwards == 0
+    assert mock.cost.bytes_per_token > ar.cost.bytes_per_token  # both towers' weights per token
     table = ev.table(rows).splitlines()
     assert len(table) == 2 + len(rows) and table[2].startswith("| AR |")
     assert ev.likelihood_retained(ar, ar) == 1.0 and ev.prefix_retained(ar, ar) == 1.0
