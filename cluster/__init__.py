@@ -39,6 +39,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine.params import SamplingParams
 
 
+def version() -> str:
+    """The installed twotower distribution's version (pyproject.toml)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("twotower")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        return "0+unknown"
+
+
 def __getattr__(name: str) -> Any:
     if name in _PUBLIC:
         return getattr(importlib.import_module(_PUBLIC[name]), name)

@@ -133,9 +133,9 @@ class RayExecutor(TowerExecutor):
             self._fire(self.den.close_lane.remote(lane), lane)
             self.mirrored.discard(lane)
 
-    def score(self, prompt, continuation):
+    def score(self, prompt, continuation, top=0, echo=False):
         self._guard()
-        return RayFuture(self.ctx.score.remote(prompt, continuation), self.pair)
+        return RayFuture(self.ctx.score.remote(prompt, continuation, top, echo), self.pair)
 
     def shutdown(self) -> None:
         self.pair.shutdown()

@@ -89,8 +89,8 @@ class ContextTowerWorker(_Worker):
     def close_lane(self, lane):
         self.runner.close_lane(lane)
 
-    def score(self, prompt, continuation):
-        return self.runner.score(prompt, continuation)
+    def score(self, prompt, continuation, top=0, echo=False):
+        return self.runner.score(prompt, continuation, top, echo)
 
 
 class DenoiserTowerWorker(_Worker):

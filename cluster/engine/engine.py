@@ -23,8 +23,8 @@ from twotower.decoding import MASK_TOKEN_ID
 from .errors import LaneFailed, LaneOpError, TowersUnavailable
 from .executor import TowerExecutor
 from .lanes import ARLane, DiffusionLane, Event, Lane, LosslessLane, MockARLane
-from .params import ModelLimits, SamplingParams
-from .request import FinishReason, Request, RequestOutput, Usage
+from .params import MAX_TOP_LOGPROBS, ModelLimits, SamplingParams
+from .request import FinishReason, Request, RequestOutput, Scores, Usage
 from .scheduler import Scheduler, parse_lane
 from .tokenizer import IncrementalDetokenizer, TokenizerLike, find_stop
 
@@ -155,18 +155,31 @@ class Engine:
     def score(self, prompt: str | list[int], continuation: str | list[int]) -> tuple[list[int], list[float], int]:
         """(continuation token ids, their log-probabilities under the context tower, prompt tokens).
         Raises ValueError naming the bad field."""
+        p_ids, c_ids, scores = self.score_tokens(prompt, continuation)
+        return c_ids, scores.logprobs, len(p_ids)
+
+    def score_tokens(self, prompt: str | list[int], continuation: str | list[int], top: int = 0,
+                     echo: bool = False) -> tuple[list[int], list[int], Scores]:  # fmt: skip
+        """(prompt ids, continuation ids, request.Scores): with `top`, the most likely tokens at each
+        position; with `echo`, the prompt's tokens scored too (then the continuation may be empty)."""
         p_ids = self._tokens(prompt, "prompt")
         c_ids = self._tokens(continuation, "continuation")
         if not p_ids:
             raise ValueError("prompt: must contain at least one token")
-        if not c_ids:
+        if not c_ids and not echo:
             raise ValueError("continuation: must contain at least one token")
+        if not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs: at most {MAX_TOP_LOGPROBS} top alternatives (got {top})")
         if len(p_ids) + len(c_ids) > self.limits.max_model_len:
             raise ValueError(
                 f"continuation: prompt + continuation exceed the context limit {self.limits.max_model_len}"
             )
         with self._lock:
-            return c_ids, self.ex.score(p_ids, c_ids).result(), len(p_ids)
+            return p_ids, c_ids, self.ex.score(p_ids, c_ids, top, echo).result()
+
+    def encode(self, text: str, name: str = "prompt") -> list[int]:
+        """Token ids of `text`; ValueError naming `name` when it cannot be tokenized."""
+        return self._tokens(text, name)
 
     def _tokens(self, x: str | list[int], name: str) -> list[int]:
         if isinstance(x, str):

@@ -21,6 +21,7 @@ from twotower.decoding.sampler import RowSampling
 from twotower.towers.context import ContextTower
 from twotower.towers.denoiser import DenoiserTower
 
+from .request import Scores
 from .runners import ContextRunner, DenoiserRunner, PoolLimits, Sampled
 from .steps import warm_up
 
@@ -92,8 +93,9 @@ class TowerExecutor(abc.ABC):
         """Forget a lane."""
 
     @abc.abstractmethod
-    def score(self, prompt: list[int], continuation: list[int]) -> Future[list[float]]:
-        """Context tower log-probabilities of each continuation token after the prompt (no lane)."""
+    def score(self, prompt: list[int], continuation: list[int], top: int = 0, echo: bool = False) -> Future[Scores]:
+        """Context tower log-probabilities of each continuation token after the prompt, the `top` most
+        likely tokens at each position, and with `echo` the prompt's own (no lane; request.Scores)."""
 
     def warm_up(self, block_sizes: list[int]) -> float:
         """Compile (and on CUDA capture) the start-up step set of both towers for these block sizes, with
@@ -161,5 +163,5 @@ class InProcessExecutor(TowerExecutor):
     def close_lane(self, lane):
         self.ctx.close_lane(lane)
 
-    def score(self, prompt, continuation):
-        return Done(self.ctx.score(prompt, continuation))
+    def score(self, prompt, continuation, top=0, echo=False):
+        return Done(self.ctx.score(prompt, continuation, top, echo))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MODES = ("diffusion", "mock_ar", "ar", "lossless")
+MAX_TOP_LOGPROBS = 20  # most likely alternatives a caller may ask for at each position (OpenAI `logprobs`)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,21 @@ class FinishReason(str, enum.Enum):
 
 
 @dataclass
+class Scores:
+    """Context-tower log-probabilities of a (prompt, continuation) pair, teacher-forced.
+
+    logprobs[j]: log p(continuation[j] | prompt, continuation[:j]).
+    top[j]: the `top` most likely (token id, log p) at that position, most likely first (None: top=0).
+    prompt_logprobs / prompt_top: the same for the prompt's tokens when echo was asked (None otherwise);
+    the first prompt token has no prefix, so its entries are None."""
+
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top: list[list[tuple[int, float]] | None] | None = None
+
+
+@dataclass
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -28,6 +28,7 @@ from twotower.towers.denoiser import DenoiserTower
 from twotower.towers.pool import StatePool, apply_slot_delta, export_slot_delta
 from twotower.towers.state import BlockInputs, MambaState
 
+from .request import Scores
 from .slots import PREFILL_CHUNK, PoolLimits, SlotTable
 from .steps import StepRunner, batch_bucket, batch_buckets, window_bucket
 
@@ -276,15 +277,26 @@ class ContextRunner:
         self._verify.pop(lane, None)
 
     @torch.no_grad()
-    def score(self, prompt: list[int], continuation: list[int]) -> list[float]:
-        """log p(continuation[j] | prompt, continuation[:j]) under the context tower, one per token
-        (a one-off state outside the pool: scoring holds no slot)."""
+    def score(self, prompt: list[int], continuation: list[int], top: int = 0, echo: bool = False) -> Scores:
+        """Context-tower log-probabilities of each continuation token (and with `echo` each prompt token
+        after the first), with the `top` most likely tokens at each position (request.Scores). A one-off
+        state outside the pool: scoring holds no slot."""
         t0 = time.perf_counter()
         ids = torch.tensor([prompt + continuation], dtype=torch.long, device=self.device)
         state = self.tower.new_state(1, ids.shape[1])
-        hidden = self.tower(ids, state)[0, len(prompt) - 1 : -1]  # position j predicts token j + 1
-        logp = torch.log_softmax(self.tower.logits(hidden), dim=-1)
-        out = logp.gather(-1, ids[0, len(prompt) :, None])[:, 0].tolist()
+        first = 0 if echo else len(prompt) - 1
+        hidden = self.tower(ids, state)[0, first:-1]  # position j predicts token j + 1
+        logp = torch.log_softmax(self.tower.logits(hidden).float(), dim=-1)  # [n, V]
+        lps = logp.gather(-1, ids[0, first + 1 :, None])[:, 0].tolist()
+        tops: list[list[tuple[int, float]]] | None = None
+        if top > 0:
+            v, i = logp.topk(min(top, logp.shape[-1]), dim=-1)
+            tops = [list(zip(r_i, r_v, strict=True)) for r_i, r_v in zip(i.tolist(), v.tolist(), strict=True)]
+        n_prompt = len(prompt) - 1 - first  # scored prompt tokens (echo: all but the first)
+        out = Scores(lps[n_prompt:], None if tops is None else tops[n_prompt:])
+        if echo:
+            out.prompt_logprobs = [None, *lps[:n_prompt]]
+            out.prompt_top = None if tops is None else [None, *tops[:n_prompt]]
         self.times.record("score", t0)
         return out
 

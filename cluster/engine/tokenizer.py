@@ -83,6 +83,8 @@ class Tokenizer:
         self._bos = self._lookup(config.get("bos_token"), _BOS_NAMES)
         self._eos = self._lookup(config.get("eos_token"), _EOS_NAMES)
         self._pad = self._lookup(config.get("pad_token"), _PAD_NAMES)
+        template = config.get("chat_template")  # a Jinja template string (tokenizer_config.json), or None
+        self.chat_template = template if isinstance(template, str) and template else None
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:

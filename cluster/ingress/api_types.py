@@ -53,6 +53,7 @@ class GenerateDelta:
     logprobs: list[float] | None = None
     seed: int | None = None
     error: str | None = None  # set with finish_reason "error"
+    token_texts: list[str] | None = None  # each token's own text, when logprobs were asked
 
     @staticmethod
     def from_output(o: RequestOutput) -> GenerateDelta:
@@ -74,6 +75,12 @@ class ScoreRequest:
     prompt_token_ids: list[int] | None = None
     continuation: str | None = None
     continuation_token_ids: list[int] | None = None
+    top_logprobs: int = 0  # also the N most likely tokens at each position
+    echo: bool = False  # also score the prompt's tokens (then the continuation may be empty)
+
+
+# A position's most likely tokens: (token id, its text, log p), most likely first.
+TopLogprobs = list[tuple[int, str, float]]
 
 
 @dataclass
@@ -82,6 +89,12 @@ class ScoreResult:
     logprobs: list[float]  # log p(token | prefix) under the context tower, one per continuation token
     total_logprob: float
     prompt_tokens: int
+    token_texts: list[str] | None = None  # each continuation token's own text
+    top_logprobs: list[TopLogprobs] | None = None  # per continuation token (top_logprobs > 0)
+    prompt_token_ids: list[int] | None = None  # with echo: the prompt's tokens, their texts,
+    prompt_token_texts: list[str] | None = None
+    prompt_logprobs: list[float | None] | None = None  # log-probabilities (the first is None)
+    prompt_top_logprobs: list[TopLogprobs | None] | None = None  # and alternatives (echo and top_logprobs)
 
 
 @dataclass
@@ -109,5 +122,11 @@ class ServerClient(Protocol):
     async def score(self, req: ScoreRequest) -> ScoreResult: ...
 
     async def model_info(self) -> ModelInfo: ...
+
+    async def tokenize(self, text: str) -> list[int]: ...
+
+    async def detokenize(self, token_ids: list[int]) -> str: ...
+
+    async def tokenizer_info(self) -> dict[str, Any]: ...
 
     async def abort(self, request_id: str) -> None: ...

@@ -1,5 +1,6 @@
 """OpenAI-compatible HTTP ingress over any `ServerClient`: `POST /v1/completions` (JSON, or an SSE stream),
-`GET /v1/models`, `GET /v1/models/{id}` and `GET /health`.
+`GET /v1/models`, `GET /v1/models/{id}` and `GET /health`; openai_extra.py adds chat completions and the
+tokenizer routes (`/tokenize`, `/detokenize`, `/tokenizer_info`, `/version`).
 
 `build_openai_app(server, served_model_name)` returns a FastAPI app. Under Ray Serve, build it in the
 replica: `@serve.ingress()` on the deployment class plus a `__serve_build_asgi_app__` method that
@@ -37,18 +38,22 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .api_types import GenerateDelta, GenerateRequest, ModelInfo, ServerClient
+from .api_types import GenerateDelta, GenerateRequest, ModelInfo, ScoreRequest, ServerClient
 from .auth import UNAUTHENTICATED, ApiKeys
 from .health import server_healthy
+from .openai_extra import add_extra_routes
 from .openai_protocol import (
     CompletionContext,
+    CompletionRequest,
     OpenAIError,
+    Scored,
     check_against_model,
     error_from_exception,
     finish_reason,
     invalid,
     model_not_found,
     parse_completion_request,
+    scored_choice,
     server_request_ids,
     to_generate_requests,
     usage_obj,
@@ -248,22 +253,30 @@ def build_openai_app(server: ServerClient, served_model_name: str, *, max_prompt
             raise model_not_found(model_id)
         return model_card(await model_info())
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
+    async def read_body(request: Request) -> tuple[Any, str, bool]:
+        """(JSON body, request id, whether the caller gave the id); raises a 400 for a bad id or body."""
         given_id = request.headers.get(REQUEST_ID_HEADER)
         if given_id is not None and not _REQUEST_ID_RE.match(given_id):
             raise invalid(f"{REQUEST_ID_HEADER} header: must be 1-128 visible ASCII characters", REQUEST_ID_HEADER)
         request_id = given_id or uuid.uuid4().hex
         request.state.request_id = request_id
         try:
-            body = json.loads(await request.body())
+            return json.loads(await request.body()), request_id, given_id is not None
         except (ValueError, UnicodeDecodeError) as e:
             raise invalid(f"request body: not valid JSON ({e})") from None
         except RecursionError:
             raise invalid("request body: JSON nested too deeply") from None
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body, request_id, given = await read_body(request)
+        return await complete(request, body, request_id, given)
+
+    async def complete(request: Request, body: Any, request_id: str, given_id: bool) -> Response:
+        """Run a completions body: a JSON completion, or an SSE response whose chunks are completions."""
         creq = parse_completion_request(body, served_model_name, max_prompts)
         check_against_model(creq, await model_info())
-        reqs = to_generate_requests(creq, server_request_ids(request_id, given_id is not None, len(creq.prompts)))
+        reqs = to_generate_requests(creq, server_request_ids(request_id, given_id, len(creq.prompts)))
         fan = _Fanout(server, reqs, cleanup_timeout_s)
         ctx = CompletionContext(f"cmpl-{request_id}", int(time.time()), served_model_name, creq)
         handed_off = False
@@ -277,7 +290,7 @@ def build_openai_app(server: ServerClient, served_model_name: str, *, max_prompt
                 headers = {REQUEST_ID_HEADER: request_id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
                 return _SSEResponse(_sse(fan, first, ctx), media_type="text/event-stream", headers=headers)
             try:
-                completed, result = await _until_disconnect(request, _collect(fan, ctx))
+                completed, result = await _until_disconnect(request, _collect(fan, ctx, server))
             except Exception as e:
                 raise error_from_exception(e) from e
             if not completed:  # the client is gone; nobody reads this
@@ -287,24 +300,51 @@ def build_openai_app(server: ServerClient, served_model_name: str, *, max_prompt
             if not handed_off:
                 await fan.close()
 
+    add_extra_routes(app, server, served_model_name, model_info, read_body, complete)
     return app
 
 
-async def _collect(fan: _Fanout, ctx: CompletionContext) -> dict:
+async def _prompt_text(server: ServerClient, prompt: str | list[int]) -> str:
+    return prompt if isinstance(prompt, str) else await server.detokenize(list(prompt))
+
+
+async def _scored(server: ServerClient, req: CompletionRequest, prompt: str | list[int], tokens: list[int],
+                  lps: list[float]) -> Scored:  # fmt: skip
+    """Echo and alternatives of one choice: the context tower scores prompt + completion once."""
+    head = await _prompt_text(server, prompt) if req.echo else ""
+    if not req.needs_scores or (not tokens and not req.echo):
+        return scored_choice(req, head, lps, None) if tokens or req.echo else Scored("", None)
+    text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
+    res = await server.score(ScoreRequest(prompt=text, prompt_token_ids=ids, continuation_token_ids=tokens,
+                                          top_logprobs=req.top_logprobs, echo=req.echo))  # fmt: skip
+    return scored_choice(req, head, lps, res)
+
+
+async def _collect(fan: _Fanout, ctx: CompletionContext, server: ServerClient) -> dict:
     n = len(ctx.req.prompts)
     texts: list[list[str]] = [[] for _ in range(n)]
     tokens: list[list[int]] = [[] for _ in range(n)]
+    token_texts: list[list[str] | None] = [[] for _ in range(n)]
     lps: list[list[float]] = [[] for _ in range(n)]
     finals: list[GenerateDelta | None] = [None] * n
     while fan.open:
         i, d = await fan.next()
         texts[i].append(d.text)
         tokens[i].extend(d.token_ids)
+        if d.token_texts is None or token_texts[i] is None:
+            token_texts[i] = None
+        else:
+            token_texts[i].extend(d.token_texts)
         lps[i].extend(d.logprobs or [])
         if d.finished:
             finish_reason(d)  # raises on an error delta
             finals[i] = d
-    choices = [ctx.choice(i, "".join(texts[i]), tokens[i], lps[i], d) for i, d in enumerate(finals)]
+    choices = []
+    for i, d in enumerate(finals):
+        scored = None
+        if ctx.req.echo or ctx.req.needs_scores:
+            scored = await _scored(server, ctx.req, ctx.req.prompts[i], tokens[i], lps[i])
+        choices.append(ctx.choice(i, "".join(texts[i]), tokens[i], lps[i], d, token_texts[i], scored))
     return ctx.completion(choices, usage_obj(finals))
 
 
@@ -316,13 +356,20 @@ async def _sse(fan: _Fanout, first: list[tuple[int, GenerateDelta]], ctx: Comple
     """The SSE body: one chunk per delta, a usage chunk when asked, then `[DONE]`; on a failure an
     `event: error` and the end. Closing this generator (client gone) aborts what is still running."""
     finals: dict[int, GenerateDelta] = {}
+    sent = [0] * len(ctx.req.prompts)  # characters of each choice's text streamed so far
     try:
+        if ctx.req.echo:  # (echo without logprobs: with them, streaming is refused)
+            for i, p in enumerate(ctx.req.prompts):
+                head = await _prompt_text(fan.server, p)
+                sent[i] = len(head)
+                yield _sse_data(ctx.chunk([{"index": i, "text": head, "logprobs": None, "finish_reason": None}]))
         pending = list(first)
         while pending or fan.open:
             i, d = pending.pop(0) if pending else await fan.next()
             if not d.finished and not d.text and not d.token_ids:
                 continue
-            choice = ctx.choice(i, d.text, d.token_ids, d.logprobs, d)
+            choice = ctx.choice(i, d.text, d.token_ids, d.logprobs, d, d.token_texts, offset=sent[i])
+            sent[i] += len(d.text)
             if d.finished:
                 finals[i] = d
             yield _sse_data(ctx.chunk([choice], usage_obj([d]) if ctx.req.continuous_usage else None))

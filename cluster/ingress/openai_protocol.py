@@ -17,9 +17,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from twotower.cluster.engine.params import ModelLimits, SamplingParams
+from twotower.cluster.engine.params import MAX_TOP_LOGPROBS, ModelLimits, SamplingParams
 
-from .api_types import SAMPLING_FIELDS, GenerateDelta, GenerateRequest, ModelInfo
+from .api_types import SAMPLING_FIELDS, GenerateDelta, GenerateRequest, ModelInfo, ScoreResult, TopLogprobs
 from .errors import classify
 
 log = logging.getLogger("twotower.openai_api")  # the HTTP API's logger, wherever the message comes from
@@ -29,12 +29,11 @@ _INT_FIELDS = ("max_tokens", "seed", "block_size", "steps_per_block", "top_k")
 _NUM_FIELDS = ("temperature", "top_p", "gamma")
 _BOOL_FIELDS = ("ignore_eos",)
 _STR_FIELDS = ("mode",)
-_SPECIAL_FIELDS = ("stop", "stop_token_ids", "logprobs")  # converted one by one below
+_SPECIAL_FIELDS = ("stop", "stop_token_ids", "logprobs", "echo")  # converted one by one below
 # OpenAI fields we accept only at their neutral value: (test, what is supported).
 _NEUTRAL: dict[str, tuple[Any, str]] = {
     "n": (lambda v: _is_int(v) and v == 1, "only n=1 is supported"),
     "best_of": (lambda v: _is_int(v) and v == 1, "only best_of=1 is supported"),
-    "echo": (lambda v: v is False, "echo is not supported"),
     "frequency_penalty": (lambda v: _is_num(v) and v == 0, "only 0 is supported"),
     "presence_penalty": (lambda v: _is_num(v) and v == 0, "only 0 is supported"),
     "logit_bias": (lambda v: v == {}, "not supported"),
@@ -98,6 +97,13 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a final chunk with the usage
     continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage on every chunk
+    top_logprobs: int = 0  # `logprobs: N`: the N most likely alternatives at each position
+    echo: bool = False  # the prompt comes back before the completion (with its logprobs when asked)
+
+    @property
+    def needs_scores(self) -> bool:
+        """Alternatives and prompt logprobs come from scoring the returned text with the context tower."""
+        return self.top_logprobs > 0 or (self.echo and self.logprobs)
 
     @property
     def logprobs(self) -> bool:
@@ -197,6 +203,13 @@ def parse_completion_request(body: Any, served_model_name: str, max_prompts: int
         if not (isinstance(lp, bool) or (_is_int(lp) and lp >= 0)):
             raise invalid(f"logprobs: must be a non-negative integer or a boolean (got {lp!r})", "logprobs")
         s["logprobs"] = lp is not False
+        req.top_logprobs = 0 if isinstance(lp, bool) else lp
+        if req.top_logprobs > MAX_TOP_LOGPROBS:
+            raise invalid(f"logprobs: at most {MAX_TOP_LOGPROBS} alternatives (got {lp})", "logprobs")
+    if "echo" in given:
+        if not isinstance(given["echo"], bool):
+            raise invalid(f"echo: must be true or false (got {given['echo']!r})", "echo")
+        req.echo = given["echo"]
     if "stream" in given:
         if not isinstance(given["stream"], bool):
             raise invalid(f"stream: must be true or false (got {given['stream']!r})", "stream")
@@ -214,6 +227,10 @@ def parse_completion_request(body: Any, served_model_name: str, max_prompts: int
                 raise invalid(f"stream_options.{k}: must be true or false (got {v!r})", f"stream_options.{k}")
         req.include_usage = bool(so.get("include_usage"))
         req.continuous_usage = bool(so.get("continuous_usage_stats"))
+    if req.stream and req.needs_scores:
+        name = "logprobs" if req.top_logprobs else "echo"
+        raise invalid(f"{name}: top alternatives and echoed prompt logprobs are computed over the whole "
+                      "completion; use stream=false (streams carry the sampled tokens' logprobs)", name)  # fmt: skip
     return req
 
 
@@ -253,11 +270,59 @@ def server_request_ids(request_id: str, given: bool, n: int) -> list[str]:
 
 
 # ---- response conversion ---------------------------------------------------------------------------
-def _logprobs_obj(token_ids: list[int], logprobs: list[float] | None) -> dict:
-    """OpenAI `logprobs`: the sampled tokens as `token_id:<id>` (the ingress has no tokenizer), their
-    log-probabilities, and no top alternatives."""
-    return {"tokens": [f"token_id:{t}" for t in token_ids], "token_logprobs": list(logprobs or []),
-            "top_logprobs": None, "text_offset": None}  # fmt: skip
+def _logprobs_obj(tokens: list[str], logprobs: list[float | None], top: list[dict | None] | None,
+                  offset: int = 0) -> dict:  # fmt: skip
+    """OpenAI `logprobs`: each token's text, its log-probability, the top alternatives ({text: logprob},
+    or None) and the character offset of each token in the choice's text, counted from `offset`."""
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _token_texts(token_ids: list[int], texts: list[str] | None) -> list[str]:
+    return list(texts) if texts is not None else [f"token_id:{t}" for t in token_ids]
+
+
+def _top_dict(top: TopLogprobs | None, token: tuple[str, float | None]) -> dict | None:
+    """One position's alternatives as OpenAI writes them, the sampled token always included."""
+    if top is None:
+        return None
+    out = {text: lp for _, text, lp in top}
+    if token[0] not in out and token[1] is not None:
+        out[token[0]] = token[1]
+    return out
+
+
+@dataclass
+class Scored:
+    """What scoring added to one choice: the echoed prompt's text, and its OpenAI logprobs object."""
+
+    prompt_text: str
+    logprobs: dict | None
+
+
+def scored_choice(req: CompletionRequest, prompt_text: str, gen_lps: list[float], res: ScoreResult | None) -> Scored:
+    """Echo and alternatives of one choice from its score (`res`, over prompt + completion; None when
+    only the prompt's text is echoed). With alternatives asked, every logprob is the score's, so each
+    token's logprob and its alternatives come from one distribution."""
+    head = prompt_text if req.echo else ""
+    if res is None or not req.logprobs:
+        return Scored(head, None)
+    texts = _token_texts(res.token_ids, res.token_texts)
+    lps: list[float | None] = list(res.logprobs) if req.top_logprobs else list(gen_lps)
+    tops = res.top_logprobs if req.top_logprobs else None
+    top = None if tops is None else [_top_dict(t, (x, lp)) for t, x, lp in zip(tops, texts, lps, strict=True)]
+    if req.echo:
+        p_texts = _token_texts(res.prompt_token_ids or [], res.prompt_token_texts)
+        p_lps = list(res.prompt_logprobs or [])
+        texts, lps = p_texts + texts, p_lps + lps
+        if top is not None:
+            p_top = [_top_dict(t, (x, lp)) for t, x, lp in zip(res.prompt_top_logprobs or [], p_texts, p_lps,
+                                                                 strict=True)]  # fmt: skip
+            top = p_top + top
+    return Scored(head, _logprobs_obj(texts, lps, top))
 
 
 def usage_obj(finals: list[GenerateDelta]) -> dict:
@@ -288,12 +353,19 @@ class CompletionContext:
     req: CompletionRequest
 
     def choice(self, index: int, text: str, token_ids: list[int], logprobs: list[float] | None,
-               last: GenerateDelta) -> dict:  # fmt: skip
-        """Prompt `index`'s choice for `text` / `token_ids` / `logprobs`; `last`, its latest delta, gives the
-        finish reason and seed once it is the final one. Raises on a failed final delta."""
-        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason(last)}
-        if self.req.logprobs:
-            choice["logprobs"] = _logprobs_obj(token_ids, logprobs)
+               last: GenerateDelta, token_texts: list[str] | None = None, scored: Scored | None = None,
+               offset: int = 0) -> dict:  # fmt: skip
+        """Prompt `index`'s choice for `text` / `token_ids` / `logprobs` (`token_texts`: each token's text);
+        `last`, its latest delta, gives the finish reason and seed once it is the final one; `scored`, the
+        echo and alternatives; `offset`, where `text` starts in the choice's whole text (streams). Raises
+        on a failed final delta."""
+        head = scored.prompt_text if scored is not None else ""
+        choice = {"index": index, "text": head + text, "logprobs": None, "finish_reason": finish_reason(last)}
+        if scored is not None and scored.logprobs is not None:
+            choice["logprobs"] = scored.logprobs
+        elif self.req.logprobs:
+            choice["logprobs"] = _logprobs_obj(_token_texts(token_ids, token_texts), list(logprobs or []), None,
+                                               offset + len(head))  # fmt: skip
         if last.finished and last.seed is not None:
             choice["seed"] = last.seed
         return choice

@@ -57,6 +57,21 @@ class HandleClient:
     async def model_info(self) -> ModelInfo:
         return await self.handle.model_info.remote()
 
+    async def _call(self, method: str, *args):
+        try:
+            return await getattr(self.handle, method).remote(*args)
+        except RayTaskError as e:
+            raise _unwrap(e) from e
+
+    async def tokenize(self, text: str) -> list[int]:
+        return await self._call("tokenize", text)
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        return await self._call("detokenize", token_ids)
+
+    async def tokenizer_info(self) -> dict:
+        return await self._call("tokenizer_info")
+
     async def health(self) -> bool:
         try:
             return bool(await self.handle.health.remote())

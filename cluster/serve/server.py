@@ -96,10 +96,14 @@ class TowerPairServer:
         m = self.metrics
         if m is not None:
             m.ttft.observe(time.monotonic() - t0, m.tags)
+        texts = params.logprobs  # each token's own text goes with its logprob
         try:
             while True:
                 last = time.monotonic()
-                yield GenerateDelta.from_output(out)
+                delta = GenerateDelta.from_output(out)
+                if texts:
+                    delta.token_texts = self._texts(delta.token_ids)
+                yield delta
                 if out.finished:
                     if m is not None:
                         m.latency.observe(time.monotonic() - t0, m.tags)
@@ -128,12 +132,72 @@ class TowerPairServer:
         try:
             prompt = pick(req.prompt, req.prompt_token_ids, "prompt")
             cont = pick(req.continuation, req.continuation_token_ids, "continuation")
-            ids, logprobs, n_prompt = await asyncio.to_thread(self.engine.engine.score, prompt, cont)
+            if not isinstance(req.top_logprobs, int) or isinstance(req.top_logprobs, bool):
+                raise InvalidRequest(f"top_logprobs: must be an integer (got {req.top_logprobs!r})")
+            p_ids, ids, s = await asyncio.to_thread(self.engine.engine.score_tokens, prompt, cont,
+                                                    req.top_logprobs, bool(req.echo))  # fmt: skip
         except InvalidRequest:
             raise
         except ValueError as e:
             raise InvalidRequest(str(e)) from e
-        return ScoreResult(ids, logprobs, float(sum(logprobs)), n_prompt)
+        out = ScoreResult(ids, s.logprobs, float(sum(s.logprobs)), len(p_ids), token_texts=self._texts(ids),
+                          top_logprobs=self._tops(s.top))  # fmt: skip
+        if req.echo:
+            out.prompt_token_ids, out.prompt_token_texts = p_ids, self._texts(p_ids)
+            out.prompt_logprobs, out.prompt_top_logprobs = s.prompt_logprobs, self._tops(s.prompt_top)
+        return out
+
+    def _texts(self, ids: list[int]) -> list[str]:
+        """Each token's own text (special tokens by name; a piece of a multi-byte character is U+FFFD)."""
+        tok = self.tokenizer
+        if tok is None:
+            return [f"token_id:{i}" for i in ids]
+        return [tok.decode([i], skip_special_tokens=False) for i in ids]
+
+    def _tops(self, tops):
+        if tops is None:
+            return None
+        out = []
+        for pos in tops:
+            if pos is None:
+                out.append(None)
+                continue
+            texts = self._texts([i for i, _ in pos])
+            out.append([(i, t, lp) for (i, lp), t in zip(pos, texts, strict=True)])
+        return out
+
+    def _tokenizer(self):
+        if self.tokenizer is None:
+            raise InvalidRequest(f"the model {self.cfg.served_model_name} has no tokenizer; use token ids")
+        return self.tokenizer
+
+    async def tokenize(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise InvalidRequest(f"prompt: must be a string (got {type(text).__name__})")
+        try:
+            self._tokenizer()
+            return self.engine.engine.encode(text)
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from e
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        vocab = self.limits.vocab_size
+        if not isinstance(token_ids, list) or any(type(t) is not int or not 0 <= t < vocab for t in token_ids):
+            raise InvalidRequest(f"tokens: must be a list of token ids in [0, {vocab})")
+        return self._tokenizer().decode(token_ids)
+
+    async def tokenizer_info(self) -> dict:
+        tok = self.tokenizer
+
+        def name(i):
+            return None if tok is None or i is None else tok.id_to_token(i)
+
+        return {"tokenizer_class": type(tok).__name__ if tok is not None else None,
+                "bos_token": name(getattr(tok, "bos_token_id", None)),
+                "eos_token": name(self.eos_ids[0] if self.eos_ids else None),
+                "pad_token": name(getattr(tok, "pad_token_id", None)),
+                "chat_template": getattr(tok, "chat_template", None),
+                "model_max_length": self.limits.max_model_len, "vocab_size": self.limits.vocab_size}  # fmt: skip
 
     async def model_info(self) -> ModelInfo:
         c = self.model_cfg

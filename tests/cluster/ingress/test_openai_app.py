@@ -22,6 +22,7 @@ from twotower.cluster.ingress.api_types import (
     GenerateRequest,
     InvalidRequest,
     ModelInfo,
+    ScoreResult,
 )
 from twotower.cluster.ingress.openai_app import build_openai_app
 from twotower.cluster.ingress.openai_protocol import KNOWN_FIELDS
@@ -42,6 +43,8 @@ class FakeServer:
         self.chunks, self.finish = chunks, finish
         self.refuse, self.fail_after, self.error_delta, self.hang = refuse, fail_after, error_delta, hang
         self.fail_before, self.healthy = fail_before, healthy
+        self.chat_template: str | None = None
+        self.scores: list = []
         self.requests: list[GenerateRequest] = []
         self.aborted: list[str] = []
         self.closed: list[str] = []
@@ -68,7 +71,8 @@ class FakeServer:
                                     denoiser_forwards=2 * (k + 1), context_forwards=k + 1,
                                     logprobs=[-0.5] * len(toks) if sp.logprobs else None,
                                     seed=7 if last else None,
-                                    error="boom" if last and self.error_delta else None)  # fmt: skip
+                                    error="boom" if last and self.error_delta else None,
+                                    token_texts=list(chunk) if sp.logprobs else None)  # fmt: skip
                 if self.hang:
                     ev = self._abort_events.setdefault(req.request_id, asyncio.Event())
                     await ev.wait()
@@ -78,7 +82,33 @@ class FakeServer:
             self.closed.append(req.request_id)
 
     async def score(self, req):
-        raise NotImplementedError
+        """Characters as tokens; log p of the j-th scored token is -0.1 (j + 1); alternatives: the token
+        itself, then "~" one nat below."""
+        self.scores.append(req)
+        prompt = req.prompt_token_ids if req.prompt is None else [ord(c) for c in req.prompt]
+        cont = list(req.continuation_token_ids)
+        n = len(prompt) - 1 if req.echo else 0
+        lps = [-0.1 * (j + 1) for j in range(n + len(cont))]
+
+        def top(tokens, lp):
+            return [[(t, chr(t), x), (126, "~", x - 1.0)][: req.top_logprobs] for t, x in zip(tokens, lp, strict=True)]
+
+        res = ScoreResult(cont, lps[n:], sum(lps[n:]), len(prompt), token_texts=[chr(t) for t in cont],
+                          top_logprobs=top(cont, lps[n:]) if req.top_logprobs else None)  # fmt: skip
+        if req.echo:
+            res.prompt_token_ids, res.prompt_token_texts = prompt, [chr(t) for t in prompt]
+            res.prompt_logprobs = [None, *lps[:n]]
+            res.prompt_top_logprobs = [None, *top(prompt[1:], lps[:n])] if req.top_logprobs else None
+        return res
+
+    async def tokenize(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        return "".join(chr(t) for t in token_ids)
+
+    async def tokenizer_info(self) -> dict:
+        return {"eos_token": "\x00", "bos_token": None, "chat_template": self.chat_template}
 
     async def model_info(self) -> ModelInfo:
         return INFO
@@ -155,15 +185,112 @@ def test_every_sampling_field_has_a_request_field():
     assert set(SAMPLING_FIELDS) <= KNOWN_FIELDS
 
 
-@pytest.mark.parametrize("lp", [0, 1, 5, True])
-def test_logprobs(lp):
+@pytest.mark.parametrize("lp", [0, True])
+def test_logprobs_of_the_sampled_tokens(lp):
     s = FakeServer()
     r = post(s, {"prompt": "x", "logprobs": lp})
     assert r.status_code == 200, r.text
-    assert s.requests[0].sampling == {"logprobs": True}
+    assert s.requests[0].sampling == {"logprobs": True} and s.scores == []  # no scoring pass
     got = r.json()["choices"][0]["logprobs"]
-    assert got["tokens"] == [f"token_id:{ord(c)}" for c in "Hello!"]
+    assert got["tokens"] == list("Hello!")  # each token's text, from the server
     assert got["token_logprobs"] == [-0.5] * 6 and got["top_logprobs"] is None
+    assert got["text_offset"] == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_logprobs_top_alternatives_come_from_one_score(n):
+    s = FakeServer()
+    r = post(s, {"prompt": "x", "logprobs": n})
+    assert r.status_code == 200, r.text
+    (sc,) = s.scores
+    assert sc.prompt == "x" and sc.continuation_token_ids == [ord(c) for c in "Hello!"] and sc.top_logprobs == n
+    got = r.json()["choices"][0]["logprobs"]
+    lps = [-0.1 * (j + 1) for j in range(6)]
+    assert got["tokens"] == list("Hello!") and got["token_logprobs"] == pytest.approx(lps)
+    want = [{c: lp, "~": lp - 1.0} if n == 2 else {c: lp} for c, lp in zip("Hello!", lps, strict=True)]
+    assert got["top_logprobs"] == [pytest.approx(w) for w in want]
+
+
+def test_echo_with_logprobs_as_lm_eval_reads_it():
+    s = FakeServer(chunks=("!",))
+    r = post(s, {"prompt": [ord(c) for c in "ab c"], "max_tokens": 1, "logprobs": 1, "echo": True,
+                 "temperature": 0})  # fmt: skip
+    assert r.status_code == 200, r.text
+    (choice,) = r.json()["choices"]
+    assert choice["text"] == "ab c!"  # the prompt (detokenized: it came as ids), then the completion
+    lp = choice["logprobs"]
+    assert lp["tokens"] == list("ab c!") and lp["text_offset"] == [0, 1, 2, 3, 4]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None  # nothing predicts token 0
+    assert lp["token_logprobs"][1:] == pytest.approx([-0.1, -0.2, -0.3, -0.4])
+    # lm-eval's is_greedy: each scored token's logprob is the largest of its alternatives
+    pairs = zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:], strict=True)
+    assert all(t == max(top.values()) for t, top in pairs)
+
+
+def test_echo_without_logprobs_streams_the_prompt_first():
+    s = FakeServer()
+    r = post(s, {"prompt": "Q:", "echo": True, "stream": True})
+    assert r.status_code == 200, r.text
+    chunks = [json.loads(d) for e, d in sse_events(r.text) if d != "[DONE]"]
+    assert [c["choices"][0]["text"] for c in chunks] == ["Q:", "Hel", "lo", "!"] and s.scores == []
+    r = post(FakeServer(), {"prompt": "Q:", "echo": True})
+    assert r.json()["choices"][0]["text"] == "Q:Hello!"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"logprobs": 2, "stream": True}, "logprobs"), ({"echo": True, "logprobs": 0, "stream": True}, "echo"),
+    ({"logprobs": 21}, "logprobs"), ({"echo": "yes"}, "echo"), ({"logprobs": -1}, "logprobs"),
+])  # fmt: skip
+def test_logprobs_and_echo_refusals_name_the_field(body, param):
+    s = FakeServer()
+    r = post(s, {"prompt": "x", **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and s.requests == []
+
+
+def test_tokenizer_routes_and_version():
+    c = client_for(FakeServer())
+    r = c.post("/tokenize", json={"prompt": "hi", "add_special_tokens": False, "model": NAME})
+    assert r.status_code == 200 and r.json() == {"tokens": [104, 105], "count": 2, "max_model_len": 64}
+    assert c.post("/detokenize", json={"tokens": [104, 105]}).json() == {"prompt": "hi"}
+    assert c.get("/tokenizer_info").json()["eos_token"] == "\x00"
+    from twotower.cluster import version
+
+    assert c.get("/version").json() == {"version": version()} and version()[0].isdigit()
+    for path, body, param in [("/tokenize", {}, "prompt"), ("/tokenize", {"prompt": 3}, "prompt"),
+                              ("/tokenize", {"prompt": "x", "bogus": 1}, "bogus"),
+                              ("/detokenize", {"tokens": ["a"]}, "tokens"),
+                              ("/detokenize", {"tokens": [True]}, "tokens")]:  # fmt: skip
+        r = c.post(path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, body, r.text)
+    assert c.post("/tokenize", json={"prompt": "x", "model": "other"}).status_code == 404
+
+
+def test_chat_needs_a_template_then_runs_as_a_completion():
+    s = FakeServer()
+    c = client_for(s)
+    msgs = [{"role": "user", "content": "hi"}]
+    r = c.post("/v1/chat/completions", json={"messages": msgs})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert "no chat template" in r.json()["error"]["message"] and s.requests == []
+    s.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                       "{% if add_generation_prompt %}<assistant>{% endif %}")
+    r = c.post("/v1/chat/completions", json={"messages": msgs, "max_completion_tokens": 5, "model": NAME})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Hello!"}, "logprobs": None,
+                                "finish_reason": "length"}]  # fmt: skip
+    assert s.requests[-1].prompt == "<user>hi<assistant>" and s.requests[-1].sampling == {"max_tokens": 5}
+    r = c.post("/v1/chat/completions", json={"messages": msgs, "stream": True})
+    chunks = [json.loads(d) for e, d in sse_events(r.text) if d != "[DONE]"]
+    assert [ch["choices"][0]["delta"] for ch in chunks] == [{"role": "assistant", "content": "Hel"},
+                                                            {"content": "lo"}, {"content": "!"}]  # fmt: skip
+    assert all(ch["object"] == "chat.completion.chunk" for ch in chunks) and r.text.endswith("data: [DONE]\n\n")
+    for bad in ({"messages": []}, {"messages": [{"role": "user"}]}, {"messages": msgs, "logprobs": True},
+                {"messages": msgs, "bogus": 1}):  # fmt: skip
+        r = c.post("/v1/chat/completions", json=bad)
+        assert r.status_code == 400, (bad, r.text)
 
 
 def test_request_id_header_is_honoured_and_server_ids_stay_unique():
@@ -247,7 +374,7 @@ BAD = [
     ("max_tokens", 0), ("max_tokens", "5"), ("max_tokens", 1.5), ("max_tokens", True), ("max_tokens", 64),
     ("temperature", -1), ("temperature", "hot"), ("temperature", float("nan")), ("top_p", 0), ("top_p", 1.5),
     ("seed", -1), ("seed", 1.5), ("seed", 2**63), ("stop", 5), ("stop", [1]), ("stop", [""]), ("stop", ""),
-    ("n", 2), ("n", True), ("best_of", 3), ("logprobs", -1), ("logprobs", "yes"), ("echo", True),
+    ("n", 2), ("n", True), ("best_of", 3), ("logprobs", -1), ("logprobs", "yes"),
     ("stream", "yes"), ("stream_options", {"include_usage": True}), ("mode", "beam"), ("mode", 3),
     ("block_size", 0), ("block_size", 33), ("steps_per_block", 0), ("gamma", 0), ("gamma", 2), ("top_k", -1),
     ("ignore_eos", "no"), ("stop_token_ids", [-1]), ("stop_token_ids", "5"), ("stop_token_ids", [260]),
