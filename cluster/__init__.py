@@ -28,8 +28,9 @@ _PUBLIC = {
     "EngineConfig": "twotower.cluster.engine.config",
     "load_model": "twotower.cluster.engine.loading",
     "build_engine": "twotower.cluster.engine.loading",
+    "version": "twotower.cluster.engine.version",
 }
-__all__ = ["AsyncEngine", "Engine", "EngineConfig", "SamplingParams", "build_engine", "load_model"]
+__all__ = ["AsyncEngine", "Engine", "EngineConfig", "SamplingParams", "build_engine", "load_model", "version"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine.async_engine import AsyncEngine
@@ -37,17 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine.engine import Engine
     from .engine.loading import build_engine, load_model
     from .engine.params import SamplingParams
-
-
-def version() -> str:
-    """The installed twotower distribution's version (pyproject.toml)."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
-
-    try:
-        return dist_version("twotower")
-    except PackageNotFoundError:  # a source tree on sys.path, not installed
-        return "0+unknown"
+    from .engine.version import version
 
 
 def __getattr__(name: str) -> Any:

@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from twotower.cluster import version
+from twotower.cluster.engine.version import version
 
 from .api_types import ModelInfo, ServerClient
 from .openai_protocol import OpenAIError, error_from_exception, invalid, model_not_found
