@@ -36,6 +36,7 @@ class AsyncEngine:
     async def _run(self) -> None:
         while True:
             if not self.engine.has_unfinished():
+                self.engine.report_idle()
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -78,9 +79,11 @@ class AsyncEngine:
             self.queues.pop(req.request_id, None)
             if not req.finished:
                 await asyncio.to_thread(self.engine.abort, req.request_id)
+                self.engine.report_idle()
 
     async def abort(self, request_id: str) -> None:
         await asyncio.to_thread(self.engine.abort, request_id)
+        self.engine.report_idle()
         q = self.queues.get(request_id)
         if q is not None:
             q.put_nowait(RequestOutput(request_id, [], "", True, FinishReason.ABORT, Usage()))

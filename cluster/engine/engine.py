@@ -143,6 +143,13 @@ class Engine:
             self.outputs[rid] = _Output(req, self.tokenizer)
         return req
 
+    def report_idle(self) -> None:
+        """Tell the step hooks what the engine holds between steps (gauges must not keep the last busy
+        step's values once it has gone idle or a request was aborted)."""
+        stats = StepStats(0.0, [], self.scheduler.num_running, 0, 0, 0, self.scheduler.num_waiting)
+        for hook in self.hooks.on_step:
+            hook(stats)
+
     def abort(self, request_id: str) -> RequestOutput | None:
         """Cancel a request; its slot and state are freed before this returns."""
         with self._lock:

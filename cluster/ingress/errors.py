@@ -38,6 +38,19 @@ _UNAVAILABLE = frozenset({"RayActorError", "ActorDiedError", "ActorUnavailableEr
                           "LocalRayletDiedError"})  # fmt: skip
 _EXHAUSTED = frozenset({"BackPressureError", "PendingCallsLimitExceeded"})
 
+# Called with (api, code) for every error answered at either boundary ("http", "400"; "grpc",
+# "INVALID_ARGUMENT"): the Serve app counts them (serve/metrics.py); empty outside it.
+ERROR_HOOKS: list = []
+
+
+def report_error(api: str, code: str) -> None:
+    for hook in ERROR_HOOKS:
+        try:
+            hook(api, code)
+        except Exception:  # a metrics failure must not change the answer
+            log.debug("error hook failed", exc_info=True)
+
+
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "UNIMPLEMENTED": 501, "RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503,
                "DEADLINE_EXCEEDED": 504, "INTERNAL": 500}  # fmt: skip
 

@@ -45,7 +45,7 @@ from twotower.protos import twotower_v1_pb2_grpc as pb2_grpc
 
 from .api_types import ServerClient
 from .auth import UNAUTHENTICATED, ApiKeys, authorization_of
-from .errors import RETRY_AFTER_S
+from .errors import RETRY_AFTER_S, report_error
 from .grpc_convert import (
     GrpcStatus,
     chunk_from_delta,
@@ -65,6 +65,7 @@ MAX_DETAILS = 4000  # characters of an error message sent to the client
 async def _fail(grpc_context: Any, code: grpc.StatusCode, details: str) -> NoReturn:
     """End the call with `code` and `details` on either kind of context (module docstring)."""
     details = details if len(details) <= MAX_DETAILS else details[: MAX_DETAILS - 15] + "... [truncated]"
+    report_error("grpc", code.name)
     if grpc_context is not None:
         grpc_context.set_code(code)
         grpc_context.set_details(details)

@@ -30,7 +30,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -40,6 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .api_types import GenerateDelta, GenerateRequest, ModelInfo, ScoreRequest, ServerClient
 from .auth import UNAUTHENTICATED, ApiKeys
+from .errors import report_error
 from .health import server_healthy
 from .openai_extra import add_extra_routes
 from .openai_protocol import (
@@ -68,6 +69,7 @@ _background: set[asyncio.Task] = set()  # strong references to request streams s
 
 
 def _error_response(err: OpenAIError, request_id: str | None = None) -> JSONResponse:
+    report_error("http", str(err.status))
     headers = {REQUEST_ID_HEADER: request_id} if request_id else {}
     if err.retry_after_s is not None:
         headers["Retry-After"] = str(err.retry_after_s)
@@ -187,12 +189,14 @@ async def _until_disconnect(request: Request, work: Awaitable) -> tuple[bool, An
 # ---- the app ---------------------------------------------------------------------------------------
 def build_openai_app(server: ServerClient, served_model_name: str, *, max_prompts: int = 64,
                      cleanup_timeout_s: float = 5.0, health_timeout_s: float = 10.0,
-                     api_keys: ApiKeys | None = None) -> FastAPI:  # fmt: skip
+                     api_keys: ApiKeys | None = None,
+                     metrics: Callable[[], Awaitable[str]] | None = None) -> FastAPI:  # fmt: skip
     """FastAPI app serving the OpenAI completions API for `served_model_name` on `server`.
 
     max_prompts: the largest batch (`prompt` as a list of prompts); cleanup_timeout_s: how long an abort
     may take once a client has gone; health_timeout_s: the bound on one health probe of the server;
-    api_keys: when given, every route but /health needs one of them (auth.py).
+    api_keys: when given, every route but /health needs one of them (auth.py); metrics: when given,
+    `GET /metrics` answers its Prometheus text.
     """
     app = FastAPI(title="twotower", summary="OpenAI-compatible completions for a two-tower block-diffusion LM")
 
@@ -227,6 +231,12 @@ def build_openai_app(server: ServerClient, served_model_name: str, *, max_prompt
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception) -> JSONResponse:
         return _error_response(error_from_exception(e), getattr(request.state, "request_id", None))  # logs it
+
+    if metrics is not None:
+
+        @app.get("/metrics")
+        async def get_metrics() -> Response:
+            return Response(await metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/health")
     async def health() -> Response:

@@ -20,6 +20,8 @@ from twotower.cluster.ingress.openai_app import build_openai_app
 from .config import ServeConfig
 from .deploy import INGRESS_DEPLOYMENT, pair_deployment_options
 from .handle_client import HandleClient
+from .metrics import count_errors
+from .metrics_scrape import scrape
 from .server import TowerPairServer
 
 
@@ -33,6 +35,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         """gRPC methods (GrpcIngress) and the OpenAI-compatible HTTP app on the same replicas."""
 
         def __init__(self, server_handle) -> None:
+            count_errors()  # errors answered by this replica, by API and code
             self.client = HandleClient(server_handle)
             # read on the replica's node: the file is a mounted Secret there
             self.api_keys = ApiKeys.from_file(keys_file) if keys_file else None
@@ -40,7 +43,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
             GrpcIngress.__init__(self, self.client, default_deadline_s=cfg.request_timeout_s, api_keys=self.api_keys)
 
         def __serve_build_asgi_app__(self):
-            return build_openai_app(self.client, cfg.served_model_name, api_keys=self.api_keys)
+            return build_openai_app(self.client, cfg.served_model_name, api_keys=self.api_keys, metrics=scrape)
 
     opts = {k: v for k, v in pair_deployment_options(cfg).items() if v is not None}
     pair = serve.deployment(TowerPairServer).options(**opts)

@@ -59,6 +59,9 @@ class ServeConfig:
     app_name: str = "twotower"
     http_port: int = 8000
     grpc_port: int = 9000
+    # Prometheus metrics of each Ray node (Ray's metrics export port): `twotower serve` starts its local
+    # Ray with it; on Kubernetes the chart's head.metricsPort / workers.metricsPort set it
+    metrics_port: int = 8080
     request_timeout_s: float | None = None  # server-side cap on any request (deadlines may be shorter)
     max_ongoing_requests: int = 64  # per replica, before Serve queues at the router
     # requests each caller (the ingress) queues for the tower pairs beyond that; past it a request is
@@ -92,12 +95,14 @@ class ServeConfig:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("http_port", "grpc_port"):
+        for name in ("http_port", "grpc_port", "metrics_port"):
             v = getattr(self, name)
-            if not isinstance(v, int) or not 0 < v < 65536:
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 65536:
                 raise ValueError(f"{name}: must be a TCP port 1..65535 (got {v!r})")
         if self.http_port == self.grpc_port:
             raise ValueError("grpc_port: must differ from http_port")
+        if self.metrics_port in (self.http_port, self.grpc_port):
+            raise ValueError(f"metrics_port: must differ from http_port and grpc_port (got {self.metrics_port})")
         if self.max_ongoing_requests < 1:
             raise ValueError(f"max_ongoing_requests: must be >= 1 (got {self.max_ongoing_requests})")
         if not isinstance(self.drain_timeout_s, (int, float)) or not 0 <= self.drain_timeout_s <= 3600:

@@ -28,6 +28,7 @@ from twotower.cluster.ingress.api_types import (
 from .config import ServeConfig
 
 log = logging.getLogger("twotower.server")
+GAUGE_REFRESH_S = 5.0  # Ray's OpenTelemetry export drops a gauge not set since the last export (~10 s)
 
 
 class TowerPairServer:
@@ -45,6 +46,19 @@ class TowerPairServer:
             engine.hooks.on_step.append(self._on_step)
             engine.hooks.on_finish.append(self.metrics.on_finish)
         self.engine = AsyncEngine(engine)
+        self._ticker: asyncio.Task | None = None
+
+    def _ensure_ticker(self) -> None:
+        """Keep the gauges exported while nothing steps (started from the first async call)."""
+        if self.metrics is None or (self._ticker is not None and not self._ticker.done()):
+            return
+
+        async def tick() -> None:
+            while True:
+                self.engine.engine.report_idle()  # the counts between steps; 0 tokens/s when idle
+                await asyncio.sleep(GAUGE_REFRESH_S)
+
+        self._ticker = asyncio.get_running_loop().create_task(tick())
 
     def _executor(self):
         p = self.cfg.pair
@@ -71,7 +85,7 @@ class TowerPairServer:
     def _on_step(self, stats) -> None:
         self.metrics.on_step(stats)
         transfers = getattr(self.executor, "transfers", None)
-        if transfers:
+        if transfers and stats.seconds > 0:  # a real step, on the engine's thread (not an idle report)
             self.metrics.on_transfers(transfers)
             transfers.clear()
 
@@ -84,6 +98,7 @@ class TowerPairServer:
             raise InvalidRequest(str(e)) from e
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateDelta]:
+        self._ensure_ticker()
         t0 = time.monotonic()
         try:
             params = self._params(req)
@@ -212,6 +227,7 @@ class TowerPairServer:
         await self.engine.abort(request_id)
 
     async def health(self) -> bool:
+        self._ensure_ticker()
         if self.engine.dead is not None:
             return False
         if self.pair is None:

@@ -301,7 +301,11 @@ def test_optional_objects(rendered):
     dashboard_rule = [r for r in default_np["spec"]["ingress"] if any(p["port"] == 8265 for p in r.get("ports", []))]
     assert dashboard_rule and dashboard_rule[0]["from"], dashboard_rule  # the dashboard only from listed peers
     gpu = rendered["gpu-autoscale"]
-    assert {o["kind"] for o in gpu} >= {"ServiceMonitor", "NetworkPolicy", "Service"}
+    assert {o["kind"] for o in gpu} >= {"ServiceMonitor", "NetworkPolicy", "Service", "ConfigMap"}
+    (dashboard,) = by_kind(gpu, "ConfigMap")  # the Grafana dashboard, for Grafana's sidecar to pick up
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads((CHART / "dashboards/twotower.json").read_text())
+    assert json.loads(dashboard["data"]["twotower.json"]) == shipped
     (svc,) = by_kind(gpu, "Service")
     (monitor,) = by_kind(gpu, "ServiceMonitor")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
@@ -356,6 +360,7 @@ INVALID = {
     "worker group too small": (["workers.maxReplicas=1"], ["workers.maxReplicas: 1 worker pod(s) x 1 tower pair(s)"]),
     "http port == grpc port": (["serve.grpc_port=8000"], ["serve.grpc_port: must differ from serve.http_port"]),
     "port clash on head": (["serve.http_port=8265"], ["port 8265 is already used"]),
+    "metrics ports differ": (["serve.metrics_port=9090"], ["serve.metrics_port: must equal head.metricsPort"]),
     # values.schema.json
     "type error": (["serve.http_port=http"], ["http_port", "integer"]),
     "range error": (["serve.engine.max_num_seqs=0"], ["max_num_seqs"]),

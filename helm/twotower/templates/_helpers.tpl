@@ -147,6 +147,9 @@ Checks a JSON schema cannot express. Each failure names the value(s) to change.
 {{- if or (eq (int $w.metricsPort) (int $s.http_port)) (eq (int $w.metricsPort) (int $s.grpc_port)) }}
 {{- fail (printf "workers.metricsPort: %d is a serve port" (int $w.metricsPort)) }}
 {{- end }}
+{{- if ne (int $s.metrics_port) (int .Values.head.metricsPort) }}
+{{- fail (printf "serve.metrics_port: must equal head.metricsPort (%d and %d): both name the head's Ray metrics port" (int $s.metrics_port) (int .Values.head.metricsPort)) }}
+{{- end }}
 {{- /* Serve autoscaling bounds (as ServeConfig checks them) */}}
 {{- if lt (int $a.max_replicas) (max 1 (int $a.min_replicas)) }}
 {{- fail (printf "serve.autoscaling.max_replicas: must be >= max(1, serve.autoscaling.min_replicas=%d) (got %d)" (int $a.min_replicas) (int $a.max_replicas)) }}

@@ -199,21 +199,46 @@ def test_cancelled_stream_frees_its_slot(cluster):
     _wait(lambda: _pair_stats(cluster)["running"] == 0, 30, "the cancelled request to leave the engine")
 
 
-def test_metrics_endpoint_shows_serving_metrics(cluster):
+def _sample(text: str, name: str) -> float | None:
+    """The value of metric `name`'s first sample in a Prometheus exposition."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_metrics_node_port_and_http_route_show_every_family(cluster):
+    import ssl
+
+    from twotower.cluster.serve.metrics import METRICS, SCRAPED_PREFIX
+
     stub = pb_grpc.TwoTowerStub(cluster["channel"])
     list(stub.Generate(pb.GenerateRequest(prompt_text="metrics", sampling=pb.SamplingParams(
         mode=pb.MODE_DIFFUSION, max_tokens=16, block_size=8, ignore_eos=True)), metadata=MD, timeout=60))  # fmt: skip
-    names = ("twotower_time_to_first_token_s", "twotower_inter_block_latency_s", "twotower_tokens_per_forward",
-             "twotower_denoise_steps_per_block", "twotower_state_bytes_per_block", "twotower_state_transfer_ms",
-             "twotower_queue_depth", "twotower_active_requests", "twotower_generated_tokens_total",
-             "twotower_tokens_per_s")  # fmt: skip
+    with pytest.raises(grpc.RpcError):  # an error answered, for twotower_errors_total
+        list(stub.Generate(pb.GenerateRequest(prompt_text="x", sampling=pb.SamplingParams(block_size=10**6)),
+                           metadata=MD, timeout=30))  # fmt: skip
+    names = [SCRAPED_PREFIX + n for n in METRICS]  # what the docs list: every family, as scraped
 
-    def found():
-        body = urllib.request.urlopen(f"http://127.0.0.1:{cluster['metrics_port']}/metrics", timeout=10).read()
-        text = body.decode()
-        return all(n in text for n in names) and text
+    def node_port():
+        text = urllib.request.urlopen(f"http://127.0.0.1:{cluster['metrics_port']}/metrics", timeout=10).read().decode()
+        return all(f"# TYPE {n} " in text for n in names) and text
 
-    _wait(found, 60, "the metrics to be exported", every=2)
+    _wait(node_port, 60, "the metrics to be exported", every=2)
+    tls = ssl.create_default_context(cafile=str(cluster["ca"]))
+    url = f"https://127.0.0.1:{cluster['cfg'].http_port}/metrics"
+
+    def http_route():
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {KEY}"})
+        with urllib.request.urlopen(req, timeout=10, context=tls) as r:
+            text = r.read().decode()
+        # idle again: the gauges say so
+        idle = _sample(text, "ray_twotower_active_requests") == 0 and _sample(text, "ray_twotower_tokens_per_s") == 0
+        return all(f"# TYPE {n} " in text for n in names) and idle and text
+
+    text = _wait(http_route, 60, "/metrics on the HTTP port", every=2)
+    assert text.count("# TYPE ray_twotower_active_requests ") == 1  # one family header, merged over nodes
+    assert 'code="INVALID_ARGUMENT"' in text and "ray_serve_deployment_replica_healthy" in text
 
 
 def test_autoscaling_grows_under_load_and_shrinks_back(cluster):
