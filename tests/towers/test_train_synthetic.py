@@ -4,7 +4,8 @@ against the frozen AR tower, all blocks in one pass) produces a model the servin
 and in parallel: exact answers on held-out digit strings AND more than 1.5 tokens per denoiser forward
 at gamma 0.8. Answers span two blocks of 4, so committed blocks are read back by the context tower.
 
-About 45 s of training on one idle core (~90 s when the machine is busy)."""
+About 40 s of training on one idle core (~90 s when the machine is busy). 600 AR steps: at 400 the AR
+tower itself missed 2 of the 32 held-out reversals on some CPUs (float rounding differs by ISA)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ BLOCK, BLOCKS, MIN_DIGITS, MAX_DIGITS = 4, 2, 2, 5
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     torch.set_num_threads(1)
-    ctx, den, stats = syn.train_micro(seed=0, ar_steps=400, den_steps=500, batch=32, block=BLOCK, blocks=BLOCKS,
+    ctx, den, stats = syn.train_micro(seed=0, ar_steps=600, den_steps=500, batch=32, block=BLOCK, blocks=BLOCKS,
                                       min_digits=MIN_DIGITS, max_digits=MAX_DIGITS)  # fmt: skip
     assert sum(p.numel() for p in ctx.parameters()) + sum(p.numel() for p in den.parameters()) < 500_000
     path = tmp_path_factory.mktemp("micro")
