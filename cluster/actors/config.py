@@ -55,3 +55,12 @@ class PairConfig:
         """The placement group bundles of one pair: [replica, context tower, denoiser tower]."""
         tower = {"GPU": 1.0} if self.use_gpus else {"CPU": max(self.worker_cpus, 0.01)}
         return [{"CPU": self.replica_cpus}, dict(tower), dict(tower)]
+
+    def pairs_fitting(self, resources: dict[str, float]) -> int:
+        """How many pairs `resources` (a cluster's totals, as ray.cluster_resources() gives them) hold,
+        counting every resource the bundles ask for."""
+        need: dict[str, float] = {}
+        for bundle in self.bundles():
+            for k, v in bundle.items():
+                need[k] = need.get(k, 0.0) + v
+        return min(int(resources.get(k, 0.0) // v) for k, v in need.items() if v > 0)

@@ -27,6 +27,10 @@ from .server import TowerPairServer
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     cfg = ServeConfig.from_dict(dict(args or {}))
+    if cfg.replicas is None and cfg.autoscaling.max_replicas is None:  # `serve deploy` of an open bound
+        import ray
+
+        cfg = cfg.fit_to(ray.cluster_resources())
     keys_file = cfg.api_keys_file
 
     @serve.deployment(name=INGRESS_DEPLOYMENT, max_ongoing_requests=10_000, ray_actor_options={"num_cpus": 0})

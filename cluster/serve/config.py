@@ -25,7 +25,9 @@ from twotower.cluster.engine.params import ModelLimits, SamplingParams
 @dataclass
 class AutoscalingSettings:
     min_replicas: int = 1
-    max_replicas: int = 1
+    # None: as many pairs as the cluster's CPUs and GPUs hold, resolved when the app is deployed
+    # (ServeConfig.fit_to); Kubernetes sets a number, as its node pool grows on demand
+    max_replicas: int | None = None
     initial_replicas: int | None = None
     target_ongoing_requests: float = 8.0  # running + queued requests per pair before Serve adds one
     upscale_delay_s: float = 30.0
@@ -35,10 +37,11 @@ class AutoscalingSettings:
     def validate(self) -> None:
         if self.min_replicas < 0:
             raise ValueError(f"autoscaling.min_replicas: must be >= 0 (got {self.min_replicas})")
-        if self.max_replicas < max(1, self.min_replicas):
+        if self.max_replicas is not None and self.max_replicas < max(1, self.min_replicas):
             raise ValueError(f"autoscaling.max_replicas: must be >= max(1, min_replicas={self.min_replicas}) "
                              f"(got {self.max_replicas})")  # fmt: skip
-        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+        top = self.max_replicas if self.max_replicas is not None else float("inf")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= top:
             raise ValueError(f"autoscaling.initial_replicas: must lie in [min_replicas, max_replicas] "
                              f"(got {self.initial_replicas})")  # fmt: skip
         if self.target_ongoing_requests <= 0:
@@ -48,8 +51,10 @@ class AutoscalingSettings:
                 raise ValueError(f"autoscaling.{name}: must be >= 0 (got {getattr(self, name)})")
 
     def to_serve(self) -> dict[str, Any]:
-        out = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-        return out
+        if self.max_replicas is None:
+            raise ValueError("autoscaling.max_replicas: not resolved; ServeConfig.fit_to(the cluster's resources) "
+                             "sets it")  # fmt: skip
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 @dataclass
@@ -57,6 +62,9 @@ class ServeConfig:
     model: str | None = None  # checkpoint directory; None = the bundled model
     served_model_name: str = "twotower"
     app_name: str = "twotower"
+    # the address the HTTP proxy binds: loopback unless a config says otherwise (the Helm chart binds
+    # the pod network). Serve's gRPC proxy has no bind option and listens on every interface
+    host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 9000
     # Prometheus metrics of each Ray node (Ray's metrics export port): `twotower serve` starts its local
@@ -112,8 +120,10 @@ class ServeConfig:
             raise ValueError(f"max_queued_requests: must be >= 1, or -1 for no bound (got {q!r})")
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s: must be > 0 (got {self.request_timeout_s})")
-        if self.replicas is not None and (not isinstance(self.replicas, int) or self.replicas < 0):
-            raise ValueError(f"replicas: must be an integer >= 0 or null for autoscaling (got {self.replicas!r})")
+        r = self.replicas
+        if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 1):
+            raise ValueError(f"replicas: must be an integer >= 1, or null for autoscaling (got {r!r}); to let the "
+                             f"pairs go to zero when idle, autoscale with autoscaling.min_replicas 0")  # fmt: skip
         for name in ("api_keys_file", "tls_certfile", "tls_keyfile", "tls_ca_certs"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, str) or not v):
@@ -122,6 +132,8 @@ class ServeConfig:
             raise ValueError("tls_keyfile: HTTPS needs both tls_certfile and tls_keyfile")
         if self.tls_ca_certs is not None and self.tls_certfile is None:
             raise ValueError("tls_ca_certs: client certificates need HTTPS (tls_certfile and tls_keyfile)")
+        if not isinstance(self.host, str) or not self.host:
+            raise ValueError(f"host: must be an address to bind, such as 127.0.0.1 or 0.0.0.0 (got {self.host!r})")
         if not self.served_model_name:
             raise ValueError("served_model_name: must not be empty")
         self.pair.validate()  # again: a caller may have changed a field since construction
@@ -167,3 +179,13 @@ class ServeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def fit_to(self, resources: dict[str, float]) -> ServeConfig:
+        """A copy whose open autoscaling bound (max_replicas None) is the number of tower pairs that the
+        cluster's `resources` (ray.cluster_resources()) hold, at least min_replicas and 1."""
+        if self.replicas is not None or self.autoscaling.max_replicas is not None:
+            return self
+        top = max(1, self.autoscaling.min_replicas, self.pair.pairs_fitting(resources))
+        if self.autoscaling.initial_replicas is not None:
+            top = max(top, self.autoscaling.initial_replicas)
+        return dataclasses.replace(self, autoscaling=dataclasses.replace(self.autoscaling, max_replicas=top))

@@ -403,7 +403,7 @@ def test_serve_values_defaults():
     """The chart's serve defaults are ServeConfig's, but for the few the chart changes on purpose."""
     chart = chart_values()["serve"]
     code = ServeConfig().to_dict()
-    changed = {("pair", "use_gpus"), ("autoscaling", "max_replicas")}
+    changed = {("host",), ("pair", "use_gpus"), ("autoscaling", "max_replicas")}
 
     def diff(a: dict, b: dict, path: tuple = ()) -> set:
         out = set()

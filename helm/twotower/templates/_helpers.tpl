@@ -237,7 +237,7 @@ serveConfigV2: what twotower.cluster.serve.deploy.serve_deploy_config(ServeConfi
 {{- $_ := set $pair "placement_group_strategy" "STRICT_PACK" }}
 {{- end }}
 {{- $app := dict "name" $s.app_name "route_prefix" "/" "import_path" "twotower.cluster.serve.app:build_app" "args" $args "deployments" (list $pair (dict "name" "Ingress")) }}
-{{- $http := dict "host" "0.0.0.0" "port" $s.http_port }}
+{{- $http := dict "host" $s.host "port" $s.http_port }}
 {{- if $s.tls_certfile }}{{ $_ := set $http "ssl_certfile" $s.tls_certfile }}{{ end }}
 {{- if $s.tls_keyfile }}{{ $_ := set $http "ssl_keyfile" $s.tls_keyfile }}{{ end }}
 {{- if $s.tls_ca_certs }}{{ $_ := set $http "ssl_ca_certs" $s.tls_ca_certs }}{{ end }}
