@@ -73,7 +73,6 @@ def main() -> None:
     ap.add_argument("--gpus", action="store_true", help="one GPU per tower, nccl transport")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 

@@ -94,7 +94,6 @@ def same_device_transfer(ctx, den, dev: str, out) -> None:
 
 
 def pair_transfer(model: str, out) -> None:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
     from twotower.cluster.actors.config import PairConfig

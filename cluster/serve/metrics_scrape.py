@@ -78,3 +78,22 @@ async def scrape(timeout_s: float = 3.0) -> str:
         else:
             texts.append(r)
     return merge(texts)
+
+
+def totals(text: str) -> dict[str, float]:
+    """Series name (labels dropped) -> the sum of its samples over every label set and node: what a
+    one-line summary (the CLI's throughput log) reads from an exposition."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        if "{" in line:  # name{labels} value [timestamp]; label values may hold spaces
+            name, rest = line[: line.index("{")], line[line.rindex("}") + 1 :]
+        else:
+            name, _, rest = line.partition(" ")
+        value = rest.split()[0] if rest.split() else ""
+        try:
+            out[name] = out.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return out

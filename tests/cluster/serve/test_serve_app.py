@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import time
 import urllib.request
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 ray = pytest.importorskip("ray")
 grpc = pytest.importorskip("grpc")
 
+from tests.waiting import wait_for as _wait  # noqa: E402
 from twotower.cluster.engine.engine import Engine  # noqa: E402
 from twotower.cluster.engine.executor import InProcessExecutor  # noqa: E402
 from twotower.cluster.engine.params import ModelLimits, SamplingParams  # noqa: E402
@@ -48,16 +48,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait(cond, timeout: float, what: str, every: float = 0.5):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        v = cond()
-        if v:
-            return v
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     cfg = preset("tiny").replace(vocab_size=260)
@@ -75,7 +65,6 @@ def cluster(model_dir, tmp_path_factory):
     keys = secrets / "api_keys"
     keys.write_text(KEY + "\n")
     ca, cert, key = write_test_certs(secrets)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     dash, metrics_port = _free_port(), _free_port()
     ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dash,
@@ -89,7 +78,7 @@ def cluster(model_dir, tmp_path_factory):
                         "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 2},
     })  # fmt: skip
     dashboard = f"http://127.0.0.1:{dash}"
-    put_config(dashboard, serve_deploy_config(cfg, host="127.0.0.1"))
+    put_config(dashboard, serve_deploy_config(cfg))
     _wait(lambda: replica_counts(dashboard, APP).get("TowerPair") == 1, 180, "the app to start")
     channel = grpc.insecure_channel(f"127.0.0.1:{cfg.grpc_port}")
     _wait(lambda: _health(channel) == 1, 60, "gRPC health SERVING")
