@@ -24,8 +24,19 @@ from .executor import InProcessExecutor, TowerExecutor
 from .params import MODES, ModelLimits
 from .tokenizer import ByteTokenizer, Tokenizer, TokenizerLike
 
-# models/ beside the package folders in a source checkout: the model `twotower` serves by default
-BUNDLED_MODEL = Path(__file__).resolve().parents[2] / "models" / "twotower-tiny"
+
+def _bundled_model() -> Path:
+    """The model `twotower` serves by default: package data of twotower.models (models/ of a source
+    checkout, inside site-packages for an installed wheel)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("twotower.models")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))) / "twotower-tiny"
+    return Path(__file__).resolve().parents[2] / "models" / "twotower-tiny"  # a source tree on sys.path
+
+
+BUNDLED_MODEL = _bundled_model()
 
 
 def resolve_model(path: str | Path | None) -> Path:
