@@ -141,3 +141,73 @@ def test_a_long_stream_survives_scaling_up_and_down_without_restarts(served):
 
     line = _wait(busy_line, 60, "a throughput line")
     assert "running" in line and "tower pairs" in line
+
+
+CHOICES = [  # a small local loglikelihood task: Python contexts and candidate continuations
+    {"context": "def parse_args(", "choices": ["argv):", "self):", "1 +"], "label": 0},
+    {"context": "import os\nimport ", "choices": ["sys", "if", "]]"], "label": 0},
+    {"context": "for i in range(", "choices": ["10):", "x y", "return"], "label": 0},
+]
+
+
+@pytest.mark.slow
+def test_lm_eval_loglikelihoods_equal_score_over_grpc(served, tmp_path):
+    """lm-eval-harness's local-completions client (token-id prompts, echo, logprobs, the server's remote
+    tokenizer) computes loglikelihoods through the HTTP API; Score over gRPC gives the same numbers.
+    Needs `pip install -e '.[eval-harness]'`."""
+    import json
+
+    lm_eval = pytest.importorskip("lm_eval")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in CHOICES))
+    (tmp_path / "tt_local.yaml").write_text(
+        "task: tt_local\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
+        'target_delimiter: ""\nmetric_list:\n  - metric: acc\n')
+    from lm_eval.tasks import TaskManager
+
+    port = served["ports"]["http"]
+    out = lm_eval.simple_evaluate(
+        model="local-completions", tasks=["tt_local"], task_manager=TaskManager(include_path=str(tmp_path)),
+        model_args=f"model=twotower,base_url=http://127.0.0.1:{port}/v1/completions,tokenizer_backend=remote,"
+                   "tokenized_requests=True,num_concurrent=1,max_retries=1",
+        log_samples=True, limit=None)  # fmt: skip
+    samples = out["samples"]["tt_local"]
+    assert len(samples) == len(CHOICES)
+    with grpc.insecure_channel(f"127.0.0.1:{served['ports']['grpc']}") as ch:
+        stub = pb_grpc.TwoTowerStub(ch)
+        compared = 0
+        for s in samples:
+            doc = s["doc"]
+            for choice, resp in zip(doc["choices"], s["resps"], strict=True):
+                ll = resp[0][0]
+                prompt, cont = _encode_pair(port, doc["context"], choice)
+                reply = stub.Score(pb.ScoreRequest(prompt_token_ids=pb.TokenIds(ids=prompt),
+                                                   continuation_token_ids=pb.TokenIds(ids=cont)),
+                                   metadata=(("application", "twotower"),), timeout=60)  # fmt: skip
+                assert abs(ll - reply.total_logprob) < 1e-4, (doc["context"], choice, ll, reply.total_logprob)
+                compared += 1
+    assert compared == sum(len(c["choices"]) for c in CHOICES)
+
+
+def _encode_pair(port: int, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """The token split lm-eval scores: trailing whitespace of the context moves to the continuation,
+    and the continuation's tokens are those of context + continuation past the context's."""
+    import json
+    import urllib.request
+
+    def tokenize(text: str) -> list[int]:
+        body = json.dumps({"prompt": text, "add_special_tokens": False}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/tokenize", data=body,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())["tokens"]
+
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole, head = tokenize(context + continuation), tokenize(context)
+    return head, whole[len(head) :]
+
