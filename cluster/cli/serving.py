@@ -129,7 +129,7 @@ def _stop_on_sigterm() -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from twotower.cluster.serve.deploy import put_config, ray_auth_token, serve_deploy_config
+    from twotower.cluster.serve.deploy import put_config, scaling_of, serve_deploy_config
 
     try:
         cfg = serve_config(a)
@@ -139,7 +139,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     try:
         ctx, started = connect_ray(a.address, cfg, a.dashboard_port)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        fail(f"{e} (check --address / RAY_ADDRESS)")
+        joining = a.address or os.environ.get("RAY_ADDRESS")
+        fail(f"{e} (check --address / RAY_ADDRESS)" if joining else f"could not start a local Ray: {e}")
     except KeyboardInterrupt:  # Ctrl-C / SIGINT / SIGTERM while connecting: stop now, whatever Ray's thread does
         print("interrupted", file=sys.stderr, flush=True)
         os._exit(130)
@@ -150,22 +151,23 @@ def cmd_serve(a: argparse.Namespace) -> int:
     import ray
 
     cfg = cfg.fit_to(ray.cluster_resources())  # an open autoscaling bound: as many pairs as the cluster holds
-    token = ray_auth_token()
     try:
-        put_config(dashboard, serve_deploy_config(cfg), token)
-        print(f"deploying {cfg.app_name} (model {cfg.model}, tower pairs {_scaling_text(cfg)}) ...", file=sys.stderr)
+        deploy = serve_deploy_config(cfg)
+        put_config(dashboard, deploy)  # with the cluster's token (serve.deploy reads it)
+        pairs = " ".join(f"{k}={v}" for k, v in scaling_of(deploy, cfg.app_name).items())
+        print(f"deploying {cfg.app_name} (model {cfg.model}, tower pairs {pairs}) ...", file=sys.stderr)
         if not cfg.engine.eager and cfg.engine.warmup:
             where = "GPUs" if cfg.pair.use_gpus else ("CPUs (about 13 min for the bundled model on 2 cores when "
                                                       "TorchInductor's cache is empty, 1 min when it is filled)")
             print(f"each tower actor compiles its start-up steps before serving, on {where}; progress is in the "
                   f"actors' logs (dashboard); engine.eager: true skips it", file=sys.stderr)  # fmt: skip
-        counts = _wait_running(dashboard, cfg.app_name, token, a.timeout)
+        counts = _wait_running(dashboard, cfg.app_name, a.timeout)
         print(f"serving {cfg.served_model_name}: HTTP http://{cfg.host}:{cfg.http_port}/v1  gRPC "
               f"{cfg.host}:{cfg.grpc_port}  metrics :{cfg.metrics_port}/metrics  dashboard {dashboard}  "
               f"replicas {counts}", file=sys.stderr, flush=True)  # fmt: skip
         if not started and not a.block:
             return 0
-        _log_throughput(dashboard, cfg.app_name, token)
+        _log_throughput(dashboard, cfg.app_name)
     except KeyboardInterrupt:
         print("stopping", file=sys.stderr, flush=True)
         return 0
@@ -174,19 +176,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
-def _scaling_text(cfg) -> str:
-    if cfg.replicas is not None:
-        return str(cfg.replicas)
-    return f"{cfg.autoscaling.min_replicas}..{cfg.autoscaling.max_replicas}, autoscaled"
-
-
-def _wait_running(dashboard: str, app: str, token: str | None, timeout_s: float) -> dict[str, int]:
+def _wait_running(dashboard: str, app: str, timeout_s: float) -> dict[str, int]:
     from twotower.cluster.serve.deploy import replica_counts
 
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
         try:
-            counts = replica_counts(dashboard, app, token)
+            counts = replica_counts(dashboard, app)
         except RuntimeError:
             counts = {}
         if counts and all(n > 0 for n in counts.values()):
@@ -195,7 +191,7 @@ def _wait_running(dashboard: str, app: str, token: str | None, timeout_s: float)
     raise RuntimeError(f"the app did not start within {timeout_s:.0f} s (the replicas' logs are in the dashboard)")
 
 
-def _log_throughput(dashboard: str, app: str, token: str | None) -> None:
+def _log_throughput(dashboard: str, app: str) -> None:
     """Every STATS_INTERVAL_S, one line from the same metrics Prometheus scrapes (until Ctrl-C)."""
     import asyncio
 
@@ -209,7 +205,7 @@ def _log_throughput(dashboard: str, app: str, token: str | None) -> None:
         time.sleep(STATS_INTERVAL_S)
         try:
             sums = totals(asyncio.run(scrape()))
-            pairs = replica_counts(dashboard, app, token).get("TowerPair", 0)
+            pairs = replica_counts(dashboard, app).get("TowerPair", 0)
         except (OSError, RuntimeError) as e:
             print(f"stats: {e}", file=sys.stderr, flush=True)
             continue
@@ -221,7 +217,8 @@ def _log_throughput(dashboard: str, app: str, token: str | None) -> None:
 def add_scale_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--dashboard", default="http://127.0.0.1:8265", help="the Ray dashboard (Serve REST API)")
     c.add_argument("--app", default="twotower")
-    c.add_argument("--replicas", type=int, default=None, help="a fixed number of tower pairs (autoscaling off)")
+    c.add_argument("--replicas", type=int, default=None, help="a fixed number of tower pairs (an autoscaled "
+                   "app keeps autoscaling, with bounds N..N)")  # fmt: skip
     c.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound (autoscaling on)")
     c.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound (autoscaling on)")
     c.add_argument("--token", default=None, help="Ray auth token (default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
