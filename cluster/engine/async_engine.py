@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from .engine import Engine
 from .errors import TowersUnavailable, wrap_step_error
 from .params import SamplingParams
-from .request import FinishReason, RequestOutput, Usage
+from .request import FinishReason, RequestOutput, Resume, Usage
 
 
 class AsyncEngine:
@@ -23,6 +23,7 @@ class AsyncEngine:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self.dead: BaseException | None = None
+        self.on_dead: list[Callable[[BaseException], None]] = []  # called once, when the towers are gone
 
     def _ensure_loop(self) -> None:
         if self._loop_task is None or self._loop_task.done():
@@ -43,8 +44,10 @@ class AsyncEngine:
             try:
                 outs = await asyncio.to_thread(self.engine.step)
             except Exception as e:  # fail every request in flight with the error, keep serving
-                if isinstance(e, TowersUnavailable):  # only a dead tower makes this engine unhealthy
+                if isinstance(e, TowersUnavailable) and self.dead is None:  # only a dead tower is fatal
                     self.dead = e
+                    for hook in self.on_dead:
+                        hook(e)
                 for r in self.engine.fail_all(e):
                     q = self.queues.get(r.request_id)
                     if q is not None:
@@ -60,9 +63,12 @@ class AsyncEngine:
                     q.put_nowait(o)
 
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
-        req = self.engine.add_request(prompt, params, request_id)  # raises ValueError on bad input
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
+        resume: Resume | None = None,
+    ) -> AsyncIterator[RequestOutput]:  # fmt: skip
+        if self.dead is not None:  # a dead engine admits nothing; the caller may retry elsewhere
+            raise TowersUnavailable(f"this replica's towers are gone ({type(self.dead).__name__}); retry")
+        req = self.engine.add_request(prompt, params, request_id, resume)  # raises ValueError on bad input
         q: asyncio.Queue = asyncio.Queue()
         self.queues[req.request_id] = q
         self._ensure_loop()

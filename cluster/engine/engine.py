@@ -23,10 +23,11 @@ from twotower.decoding import MASK_TOKEN_ID
 from .errors import LaneFailed, LaneOpError, TowersUnavailable
 from .executor import TowerExecutor
 from .lanes import ARLane, DiffusionLane, Event, Lane, LosslessLane, MockARLane
+from .output import RequestText
 from .params import MAX_TOP_LOGPROBS, ModelLimits, SamplingParams
-from .request import FinishReason, Request, RequestOutput, Scores, Usage
+from .request import FinishReason, Request, RequestOutput, Resume, Scores, Usage
 from .scheduler import Scheduler, parse_lane
-from .tokenizer import IncrementalDetokenizer, TokenizerLike, find_stop
+from .tokenizer import TokenizerLike
 
 log = logging.getLogger(__name__)
 
@@ -48,53 +49,6 @@ class StepStats:
 class EngineHooks:
     on_step: list[Callable[[StepStats], None]] = field(default_factory=list)
     on_finish: list[Callable[[Request], None]] = field(default_factory=list)
-
-
-class _Output:
-    """Per-request text state: incremental detokenisation and stop strings."""
-
-    def __init__(self, req: Request, tokenizer: TokenizerLike | None) -> None:
-        self.req = req
-        self.detok = IncrementalDetokenizer(tokenizer, req.prompt_ids) if tokenizer else None
-        self.sent = 0  # characters of detok.text already streamed
-        self.final_sent = False  # the finished delta went out
-
-    def delta(self, new_ids: list[int]) -> str:
-        """Text delta for `new_ids` (already appended to the request). A stop string ends the request:
-        the text is cut before it, and the request's tokens after the one completing it are dropped."""
-        if self.detok is None:
-            return ""
-        self.detok.push(new_ids)
-        if self.req.finished:
-            self.detok.flush()
-        text, stops = self.detok.text, self.req.params.stop
-        end = len(text)
-        if stops:
-            cut = find_stop(text, stops, self.sent)
-            if cut is not None:
-                end = cut
-                stop_end = min(cut + len(st) for st in stops if text.startswith(st, cut))
-                self._trim_tokens(stop_end, len(new_ids))
-                self.req.finish(FinishReason.STOP)
-            elif not self.req.finished:
-                end -= self.detok.holdback(stops)
-        out = text[self.sent : max(end, self.sent)]
-        self.sent = max(end, self.sent)
-        return out
-
-    def _trim_tokens(self, stop_end: int, n_new: int) -> None:
-        """Keep the fewest of the last `n_new` tokens whose text reaches `stop_end` characters."""
-        req = self.req
-        base = len(req.output_ids) - n_new
-        for j in range(1, n_new + 1):
-            probe = IncrementalDetokenizer(self.detok.tokenizer, req.prompt_ids)
-            probe.push(req.output_ids[: base + j])
-            probe.flush()
-            if len(probe.text) >= stop_end:
-                del req.output_ids[base + j :]
-                del req.output_logprobs[base + j :]
-                req.usage.completion_tokens = len(req.output_ids)
-                return
 
 
 class Engine:
@@ -121,16 +75,19 @@ class Engine:
         self.pipeline = pipeline  # False: each lane's work completes before the next lane starts
         self.hooks = hooks or EngineHooks()
         self.lanes: dict[str, Lane] = {}
-        self.outputs: dict[str, _Output] = {}
+        self.outputs: dict[str, RequestText] = {}
         self._ids = itertools.count()
         self.failures: list[tuple[Request, LaneFailed]] = []  # failed by a lane error; see take_failures
         self._lock = threading.RLock()  # step() vs add/abort from other threads
 
     # ---- requests --------------------------------------------------------------------------------
     def add_request(
-        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
-    ) -> Request:
-        """Validate and queue a request; raises ValueError naming the bad field."""
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
+        resume: Resume | None = None,
+    ) -> Request:  # fmt: skip
+        """Validate and queue a request; raises ValueError naming the bad field. With `resume` (a request
+        moved here from an engine that died) it continues after the tokens it already streamed: pass the
+        seed it reported as params.seed to continue a sampled stream."""
         params = params or SamplingParams()
         prompt_ids = self._tokens(prompt, "prompt")
         params.validate(self.limits, len(prompt_ids))
@@ -138,10 +95,29 @@ class Engine:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         req = Request(rid, prompt_ids, params, seed, self.eos_ids)
         req.usage.prompt_tokens = len(prompt_ids)
+        if resume is not None:
+            self._resume(req, resume)
+        output = RequestText(req, self.tokenizer, *((resume.text_chars, resume.chunks) if resume else ()))
         with self._lock:
             self.scheduler.add(req)
-            self.outputs[rid] = _Output(req, self.tokenizer)
+            self.outputs[rid] = output
         return req
+
+    def _resume(self, req: Request, resume: Resume) -> None:
+        ids = self._tokens(resume.token_ids, "resume.token_ids")
+        if len(ids) >= req.params.max_tokens:
+            raise ValueError(f"resume.token_ids: {len(ids)} tokens leave nothing of max_tokens "
+                             f"{req.params.max_tokens} to generate")  # fmt: skip
+        if resume.logprobs is not None and len(resume.logprobs) != len(ids):
+            raise ValueError("resume.logprobs: must have one entry per resumed token")
+        c = resume.chunks
+        if c is not None and (any(type(n) is not int or n < 1 for n in c) or sum(c) != len(ids)):
+            raise ValueError("resume.chunks: must be positive sizes that add up to the resumed tokens")
+        req.output_ids = ids
+        req.output_logprobs = list(resume.logprobs or [])
+        req.usage.completion_tokens = len(ids)
+        req.usage.denoiser_forwards = resume.denoiser_forwards
+        req.usage.context_forwards = resume.context_forwards
 
     def report_idle(self) -> None:
         """Tell the step hooks what the engine holds between steps (gauges must not keep the last busy
@@ -319,9 +295,21 @@ class Engine:
         return self.lanes[key]
 
     def _deltas(self, events: list[Event]) -> list[RequestOutput]:
-        outs = []
+        """One delta per request with the tokens it kept this step. A request may have several events in
+        one step (admitted into a busy lane, then stepped with it): they are merged in order, so the
+        delta's tokens are exactly the tail of output_ids that the step appended."""
+        merged: dict[str, list] = {}
         for req, kept, logprobs in events:
-            if not kept or req.request_id not in self.outputs:
+            if not kept:
+                continue
+            if req.request_id not in merged:
+                merged[req.request_id] = [req, [], [] if logprobs is not None else None]
+            m = merged[req.request_id]
+            m[1] += kept
+            m[2] = m[2] + logprobs if (m[2] is not None and logprobs is not None) else None
+        outs = []
+        for req, kept, logprobs in merged.values():
+            if req.request_id not in self.outputs:
                 continue
             out = self.outputs[req.request_id]
             n_before = len(req.output_ids) - len(kept)

@@ -104,7 +104,7 @@ class ARLane(Lane):
         self.pending: list[int] = []
 
     def admit(self, reqs):
-        out = self._prefill(reqs, [r.prompt_ids for r in reqs], _row_sampling(reqs))
+        out = self._prefill(reqs, [r.sequence for r in reqs], _row_sampling(reqs))
         self.rows += reqs
         events = []
         for j, r in enumerate(reqs):
@@ -137,10 +137,10 @@ class MockARLane(ARLane):
     uses_denoiser = True
 
     def admit(self, reqs):
-        self._prefill(reqs, [r.prompt_ids[:-1] for r in reqs], None)
+        self._prefill(reqs, [r.sequence[:-1] for r in reqs], None)
         for r in reqs:
-            r.usage.context_forwards += 1 if len(r.prompt_ids) > 1 else 0
-            self.pending.append(r.prompt_ids[-1])
+            r.usage.context_forwards += 1 if len(r.sequence) > 1 else 0
+            self.pending.append(r.sequence[-1])
         self.rows += reqs
         return []
 
@@ -179,7 +179,7 @@ class DiffusionLane(Lane):
         self.logp = torch.cat([self.logp, torch.zeros(len(reqs), self.S)])
 
     def admit(self, reqs):
-        self._prefill(reqs, [r.prompt_ids for r in reqs], None)
+        self._prefill(reqs, [r.sequence for r in reqs], None)
         for r in reqs:
             r.usage.context_forwards += 1
         self._append_rows(reqs, self._new_blocks(len(reqs)))
@@ -243,7 +243,7 @@ class LosslessLane(DiffusionLane):
         return masked
 
     def admit(self, reqs):
-        out = self._prefill(reqs, [r.prompt_ids for r in reqs], RowSampling.greedy(len(reqs)))
+        out = self._prefill(reqs, [r.sequence for r in reqs], RowSampling.greedy(len(reqs)))
         events = []
         blocks = self._new_blocks(len(reqs))
         for j, r in enumerate(reqs):

@@ -60,6 +60,26 @@ class Usage:
 
 
 @dataclass
+class Resume:
+    """Where a request continues from when it moves to another engine (its pair died): the tokens it
+    already streamed (whole committed blocks, so the block grid stays where it was), their
+    log-probabilities, how many characters of text the client has, and the forwards spent so far.
+
+    The engine reads prompt + token_ids in one prefill and goes on generating; per-token seeds depend on
+    the position only (sampler.mix_seed), so with the same seed the continuation is the one the first
+    engine would have produced."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    text_chars: int = 0
+    denoiser_forwards: int = 0
+    context_forwards: int = 0
+    # how many tokens each streamed delta carried: the detokenizer is replayed in the same pieces, so
+    # text held back at a cut character is held back the same way (None: one piece)
+    chunks: list[int] | None = None
+
+
+@dataclass
 class Request:
     request_id: str
     prompt_ids: list[int]
@@ -76,6 +96,12 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def sequence(self) -> list[int]:
+        """Prompt and generated tokens: what a lane prefills when it admits the request (a resumed
+        request arrives with tokens generated elsewhere)."""
+        return self.prompt_ids + self.output_ids
 
     def finish(self, reason: FinishReason) -> None:
         self.status = Status.FINISHED
