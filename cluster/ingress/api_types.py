@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from twotower.cluster.engine.params import SamplingParams
-from twotower.cluster.engine.request import RequestOutput
+from twotower.cluster.engine.request import RequestOutput, Resume
 
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 
@@ -25,6 +25,9 @@ class GenerateRequest:
     prompt_token_ids: list[int] | None = None  # token ids (exactly one of the two)
     sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields; absent = default
     deadline_s: float | None = None  # seconds from arrival; the request is aborted past it
+    # set only by the ingress's client when it moves a request whose pair died to another replica (no
+    # wire format carries it): continue after these already-streamed tokens
+    resume: Resume | None = None
 
     def params(self) -> SamplingParams:
         """SamplingParams from `sampling`; unknown names raise ValueError naming them."""

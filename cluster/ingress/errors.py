@@ -96,6 +96,16 @@ def error_id(exc: BaseException, kind: str) -> str:
     return eid
 
 
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` means the tower pair or its replica is gone (UNAVAILABLE): a request it ended may be
+    retried, or resumed, on another replica. Logs nothing."""
+    exc = original(exc)
+    names = {c.__name__ for c in type(exc).__mro__}
+    if isinstance(exc, ValueError) or names & _EXHAUSTED:
+        return False
+    return isinstance(exc, (ConnectionError, TowersUnavailable)) or bool(names & _UNAVAILABLE)
+
+
 def classify(exc: BaseException) -> ApiError:
     exc = original(exc)
     names = {c.__name__ for c in type(exc).__mro__}
@@ -107,7 +117,7 @@ def classify(exc: BaseException) -> ApiError:
         return ApiError("DEADLINE_EXCEEDED", f"server timed out (error id {error_id(exc, 'timeout')})")
     if names & _EXHAUSTED:
         return ApiError("RESOURCE_EXHAUSTED", "server overloaded, retry later")
-    if isinstance(exc, (ConnectionError, TowersUnavailable)) or names & _UNAVAILABLE:
+    if is_unavailable(exc):
         eid = error_id(exc, "unavailable")
         return ApiError("UNAVAILABLE", f"tower-pair server unavailable, retry (error id {eid})")
     return ApiError("INTERNAL", f"internal error (error id {error_id(exc, 'internal error')})")

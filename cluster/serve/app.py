@@ -20,7 +20,7 @@ from twotower.cluster.ingress.openai_app import build_openai_app
 from .config import ServeConfig
 from .deploy import INGRESS_DEPLOYMENT, pair_deployment_options
 from .handle_client import HandleClient
-from .metrics import count_errors
+from .metrics import MigrationCounter, count_errors
 from .metrics_scrape import scrape
 from .server import TowerPairServer
 
@@ -40,7 +40,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
 
         def __init__(self, server_handle) -> None:
             count_errors()  # errors answered by this replica, by API and code
-            self.client = HandleClient(server_handle)
+            self.client = HandleClient(server_handle, cfg.migration_limit, MigrationCounter(cfg.served_model_name))
             # read on the replica's node: the file is a mounted Secret there
             self.api_keys = ApiKeys.from_file(keys_file) if keys_file else None
             # default_deadline_s: backstop for cancellations Serve's proxy can lose (docs/grpc.md)

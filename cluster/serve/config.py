@@ -78,6 +78,9 @@ class ServeConfig:
     # on scale-down and shutdown a tower pair stops taking requests and lets those in flight finish for up
     # to this long before it is stopped (Serve's graceful_shutdown_timeout_s)
     drain_timeout_s: float = 120.0
+    # times one request may move to another tower pair when its pair dies mid-stream: it resumes there
+    # after the tokens it already streamed (serve/handle_client.py). 0 = off: such a stream ends UNAVAILABLE
+    migration_limit: int = 1
     # a file of API keys, one per line (a mounted Secret on Kubernetes): when set, both APIs need
     # `Authorization: Bearer <key>` on everything but health checks (ingress/auth.py)
     api_keys_file: str | None = None
@@ -115,6 +118,9 @@ class ServeConfig:
             raise ValueError(f"max_ongoing_requests: must be >= 1 (got {self.max_ongoing_requests})")
         if not isinstance(self.drain_timeout_s, (int, float)) or not 0 <= self.drain_timeout_s <= 3600:
             raise ValueError(f"drain_timeout_s: must be in [0, 3600] seconds (got {self.drain_timeout_s!r})")
+        m = self.migration_limit
+        if not isinstance(m, int) or isinstance(m, bool) or not 0 <= m <= 16:
+            raise ValueError(f"migration_limit: must be an integer in [0, 16] (0 = off; got {m!r})")
         q = self.max_queued_requests
         if not isinstance(q, int) or isinstance(q, bool) or (q < 1 and q != -1):
             raise ValueError(f"max_queued_requests: must be >= 1, or -1 for no bound (got {q!r})")

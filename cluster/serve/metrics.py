@@ -33,7 +33,9 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "twotower_queue_depth": ("gauge", "requests waiting for a slot", ("model",)),
     "twotower_active_requests": ("gauge", "requests being decoded", ("model",)),
     "twotower_errors_total": ("counter", "errors answered, by API and status code", ("api", "code")),
+    "twotower_migrations_total": ("counter", "streams moved to another tower pair after theirs died", ("model",)),
 }
+EVENT_ONLY = {"twotower_migrations_total"}  # exported from the first event on (Ray has no zero counter)
 _BUCKETS = {"twotower_tokens_per_forward": _TPF, "twotower_tokens_per_denoiser_forward": _TPF,
             "twotower_tokens_per_context_forward": [1, 2, 4, 8, 12, 16, 24, 32, 48, 64],
             "twotower_denoise_steps_per_block": [1, 2, 3, 4, 6, 8, 12, 16, 32],
@@ -57,6 +59,16 @@ class ErrorCounter:
 
     def __call__(self, api: str, code: str) -> None:
         self.counter.inc(1, {"api": api, "code": code})
+
+
+class MigrationCounter:
+    """Counts streams HandleClient moved to another pair (its on_migrate hook)."""
+
+    def __init__(self, model: str) -> None:
+        self.counter, self.tags = make("twotower_migrations_total"), {"model": model}
+
+    def __call__(self) -> None:
+        self.counter.inc(1, self.tags)
 
 
 def count_errors() -> None:

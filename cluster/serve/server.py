@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 
@@ -28,6 +29,7 @@ from twotower.cluster.ingress.api_types import (
 from .config import ServeConfig
 
 log = logging.getLogger("twotower.server")
+EXIT_DELAY_S = 1.0  # from a dead pair to the end of its replica
 GAUGE_REFRESH_S = 5.0  # Ray's OpenTelemetry export drops a gauge not set since the last export (~10 s)
 
 
@@ -46,6 +48,8 @@ class TowerPairServer:
             engine.hooks.on_step.append(self._on_step)
             engine.hooks.on_finish.append(self.metrics.on_finish)
         self.engine = AsyncEngine(engine)
+        if self.pair is not None:
+            self.engine.on_dead.append(self._exit_soon)
         self._ticker: asyncio.Task | None = None
 
     def _ensure_ticker(self) -> None:
@@ -89,6 +93,14 @@ class TowerPairServer:
             self.metrics.on_transfers(transfers)
             transfers.clear()
 
+    def _exit_soon(self, error: BaseException) -> None:
+        """The pair is gone: end this replica shortly (once the failed streams' errors have gone out), so
+        that Serve replaces it now and routers stop sending it requests, rather than at the next health
+        check. The ingress resumes those streams on another replica (handle_client.py)."""
+        log.error("tower pair died (%s: %s); this replica exits in %.1f s", type(error).__name__, error,
+                  EXIT_DELAY_S)  # fmt: skip
+        asyncio.get_running_loop().call_later(EXIT_DELAY_S, os._exit, 1)
+
     # ---- API -------------------------------------------------------------------------------------
     def _params(self, req: GenerateRequest) -> SamplingParams:
         merged = {**self.cfg.defaults, **req.sampling}
@@ -102,7 +114,7 @@ class TowerPairServer:
         t0 = time.monotonic()
         try:
             params = self._params(req)
-            stream = self.engine.generate(req.prompt_input(), params, req.request_id)
+            stream = self.engine.generate(req.prompt_input(), params, req.request_id, req.resume)
             out = await stream.__anext__()  # validation errors surface here, before anything streams
         except ValueError as e:
             raise InvalidRequest(str(e)) from e

@@ -38,6 +38,8 @@ def test_defaults_and_round_trip():
         ({"engine": {"warmup_block_sizes": [0]}}, "warmup_block_sizes"),
         ({"engine": {"eager": "no"}}, "eager"),
         ({"max_queued_requests": 0}, "max_queued_requests"),
+        ({"migration_limit": -1}, "migration_limit"),
+        ({"migration_limit": True}, "migration_limit"),
         ({"tls_certfile": "/tls/cert.pem"}, "tls_keyfile"),
         ({"drain_timeout_s": -1}, "drain_timeout_s"),
         ({"tls_ca_certs": "/tls/ca.pem"}, "tls_ca_certs"),
