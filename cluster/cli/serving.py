@@ -103,6 +103,18 @@ def within(seconds: float, what: str, connect):
     return out["ctx"]
 
 
+def _loopback_only_ray() -> None:
+    """A local Ray for one machine: its node address is 127.0.0.1, so GCS, raylet, workers, object
+    manager and agents listen on loopback only (by default Ray takes the machine's address and its core
+    servers listen on every interface). RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is Ray's switch for that
+    (the single-machine mode of macOS and Windows); it is read when ray is imported, so it is set in the
+    environment (for Ray's processes) and on the imported constant (for this one)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def connect_ray(address: str | None, cfg, dashboard_port: int):
     """(Ray context, started here): join `address` / RAY_ADDRESS, or start a local Ray."""
     import ray
@@ -112,6 +124,7 @@ def connect_ray(address: str | None, cfg, dashboard_port: int):
     if target:
         return within(RAY_CONNECT_TIMEOUT_S, f"Ray at {target}", lambda: ray.init(address=target)), False
     _check_ports_free(cfg, dashboard_port)
+    _loopback_only_ray()
     # in the main thread: Ray's processes die with the thread that started them (PR_SET_PDEATHSIG is
     # per thread), so a helper thread like within()'s would take the new cluster down when it ends
     ctx = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",

@@ -5,11 +5,11 @@ server's answers back into protobuf, with the conversion functions of `grpc_conv
 that converts between the two); this module is the service around them: calls, status codes, aborts,
 health, and the plain server. Its methods are named after the RPCs, so the same object serves
 
-* behind Ray Serve's gRPC proxy: wrap the class with `@serve.deployment`, list
-  `serve.deploy.grpc_servicer_functions()` in `gRPCOptions.grpc_servicer_functions`; the proxy dispatches
-  `/twotower.v1.TwoTower/Generate` to `Generate`, `/grpc.health.v1.Health/Check` to `Check`, and passes
-  a `RayServegRPCContext` as `grpc_context`;
-* on a plain `grpc.aio` server (`start_grpc_server`), for tests and for running without Serve.
+* on a plain `grpc.aio` server (`build_grpc_server`): how the Serve app serves it (serve/app.py: the
+  ingress replica listens on ServeConfig.host and grpc_port, with TLS from the config), and tests;
+* behind Ray Serve's gRPC proxy (`gRPCOptions.grpc_servicer_functions` naming
+  `twotower_v1_pb2_grpc.add_TwoTowerServicer_to_server`): the proxy passes a `RayServegRPCContext` as
+  `grpc_context`. The app no longer uses it: Serve 2.60's proxy listens on every interface, without TLS.
 
 Errors reach the client as a status code with details naming the bad field, by the classifier both
 APIs share (errors.py: bad input -> INVALID_ARGUMENT, the towers gone -> UNAVAILABLE, overloaded ->
@@ -224,11 +224,27 @@ class _Health(health_pb2_grpc.HealthServicer):
         yield  # pragma: no cover - makes this an async generator (a server-streaming handler)
 
 
+def server_credentials(certfile: str, keyfile: str, ca_certs: str | None = None) -> grpc.ServerCredentials:
+    """TLS for the gRPC server from PEM files; with `ca_certs`, clients must present a certificate that CA
+    signed (mTLS)."""
+    from pathlib import Path
+
+    pair = (Path(keyfile).read_bytes(), Path(certfile).read_bytes())
+    ca = Path(ca_certs).read_bytes() if ca_certs else None
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def build_grpc_server(
-    ingress: GrpcIngress, address: str = "127.0.0.1:0", **server_kwargs: Any
-) -> tuple[grpc.aio.Server, int]:
+    ingress: GrpcIngress, address: str = "127.0.0.1:0", credentials: grpc.ServerCredentials | None = None,
+    **server_kwargs: Any,
+) -> tuple[grpc.aio.Server, int]:  # fmt: skip
     """A grpc.aio server (not started; create it inside the running event loop) serving `ingress` as
-    twotower.v1.TwoTower, grpc.health.v1.Health and server reflection. Returns (server, bound port)."""
+    twotower.v1.TwoTower, grpc.health.v1.Health and server reflection, on `address` only, with TLS when
+    `credentials` are given. Returns (server, bound port); a port that cannot be bound raises here."""
     from grpc_reflection.v1alpha import reflection
 
     server = grpc.aio.server(**server_kwargs)
@@ -236,15 +252,19 @@ def build_grpc_server(
     health_pb2_grpc.add_HealthServicer_to_server(_Health(ingress), server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection([SERVICE_NAME, health_name, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:  # grpcio raises on a bind failure (older versions return 0)
+        port = 0
     if port == 0:
         raise RuntimeError(f"could not bind the gRPC server to {address}")
     return server, port
 
 
 async def start_grpc_server(
-    ingress: GrpcIngress, address: str = "127.0.0.1:0", **server_kwargs: Any
-) -> tuple[grpc.aio.Server, int]:
-    server, port = build_grpc_server(ingress, address, **server_kwargs)
+    ingress: GrpcIngress, address: str = "127.0.0.1:0", credentials: grpc.ServerCredentials | None = None,
+    **server_kwargs: Any,
+) -> tuple[grpc.aio.Server, int]:  # fmt: skip
+    server, port = build_grpc_server(ingress, address, credentials, **server_kwargs)
     await server.start()
     return server, port

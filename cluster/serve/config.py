@@ -63,7 +63,7 @@ class ServeConfig:
     served_model_name: str = "twotower"
     app_name: str = "twotower"
     # the address the HTTP proxy binds: loopback unless a config says otherwise (the Helm chart binds
-    # the pod network). Serve's gRPC proxy has no bind option and listens on every interface
+    # the pod network); the gRPC listener of the Ingress replica binds it too
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 9000
@@ -84,9 +84,8 @@ class ServeConfig:
     # a file of API keys, one per line (a mounted Secret on Kubernetes): when set, both APIs need
     # `Authorization: Bearer <key>` on everything but health checks (ingress/auth.py)
     api_keys_file: str | None = None
-    # HTTPS for the OpenAI-compatible API (Serve's HTTP proxy): certificate and key files (PEM); with
-    # tls_ca_certs, client certificates signed by that CA are verified too. The gRPC port stays
-    # plaintext: Serve's gRPC proxy has no TLS option (docs/grpc.md)
+    # TLS for both APIs (Serve's HTTP proxy and the Ingress replica's gRPC server): certificate and key
+    # files (PEM); with tls_ca_certs, clients must present a certificate that CA signed (mTLS)
     tls_certfile: str | None = None
     tls_keyfile: str | None = None
     tls_ca_certs: str | None = None

@@ -14,21 +14,12 @@ import urllib.request
 from typing import Any
 
 from twotower.cluster.actors.config import PLACEMENT_STRATEGY
-from twotower.protos import ADD_SERVICER
 
 from .config import AutoscalingSettings, ServeConfig
 
 IMPORT_PATH = "twotower.cluster.serve.app:build_app"
 PAIR_DEPLOYMENT = "TowerPair"
 INGRESS_DEPLOYMENT = "Ingress"
-HEALTH_ADD_SERVICER = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"
-
-
-def grpc_servicer_functions() -> list[str]:
-    """Import paths for Serve's `gRPCOptions.grpc_servicer_functions`: our service and grpc.health.v1."""
-    return [ADD_SERVICER, HEALTH_ADD_SERVICER]
-
-
 def pair_deployment_options(cfg: ServeConfig) -> dict[str, Any]:
     """The TowerPair deployment's options (None = Serve's default), as app.py binds them and as the
     declarative config lists them."""
@@ -60,7 +51,6 @@ def serve_deploy_config(cfg: ServeConfig) -> dict[str, Any]:
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": cfg.host, "port": cfg.http_port, **_tls_options(cfg)},
-        "grpc_options": {"port": cfg.grpc_port, "grpc_servicer_functions": grpc_servicer_functions()},
         "applications": [{
             "name": cfg.app_name,
             "route_prefix": "/",

@@ -27,6 +27,7 @@ from twotower.cluster.ingress.api_types import (
 )
 
 from .config import ServeConfig
+from .loopback import bind_replica_server_to_loopback
 
 log = logging.getLogger("twotower.server")
 EXIT_DELAY_S = 1.0  # from a dead pair to the end of its replica
@@ -35,6 +36,7 @@ GAUGE_REFRESH_S = 5.0  # Ray's OpenTelemetry export drops a gauge not set since 
 
 class TowerPairServer:
     def __init__(self, config: dict) -> None:
+        bind_replica_server_to_loopback()
         self.cfg = ServeConfig.from_dict(config) if isinstance(config, dict) else config
         self.files = ModelFiles.inspect(resolve_model(self.cfg.model))
         self.path, self.model_cfg, self.tokenizer = self.files.path, self.files.config, self.files.tokenizer

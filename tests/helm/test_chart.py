@@ -27,7 +27,7 @@ import yaml
 
 from twotower.cluster.engine.params import SamplingParams
 from twotower.cluster.serve.config import ServeConfig
-from twotower.cluster.serve.deploy import grpc_servicer_functions, serve_deploy_config
+from twotower.cluster.serve.deploy import serve_deploy_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "twotower"
@@ -236,7 +236,7 @@ def test_serve_config_v2(rendered, name):
     serve_cfg = ServeConfig.from_dict(app["args"])  # the chart's args are a valid ServeConfig ...
     assert app["args"] == serve_cfg.to_dict()  # ... complete, with nothing defaulted away
     assert cfg == serve_deploy_config(serve_cfg)  # and the Serve config is exactly the app's own
-    assert cfg["grpc_options"]["grpc_servicer_functions"] == grpc_servicer_functions()
+    assert "grpc_options" not in cfg  # the Ingress replica serves gRPC itself (no Serve gRPC proxy)
 
 
 @pytest.mark.parametrize("name", list(VALUE_SETS))
@@ -249,7 +249,15 @@ def test_ray_cluster_layout(rendered, name):
     head = cluster["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"  # no replicas on the head
     ports = {p["name"]: p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
-    assert ports["serve"] == cfg.http_port and ports["serve-grpc"] == cfg.grpc_port
+    assert ports["serve"] == cfg.http_port and ports["grpc"] == cfg.grpc_port
+    (grpc_svc,) = [o for o in by_kind(objs, "Service") if o["metadata"]["name"].endswith("-grpc")]
+    (grpc_port,) = grpc_svc["spec"]["ports"]
+    assert grpc_port["port"] == cfg.grpc_port and grpc_port["targetPort"] == "grpc"
+    # the gRPC Service selects the head pod only: the Ingress replica with the listener runs there
+    assert grpc_svc["spec"]["selector"].items() <= head["template"]["metadata"]["labels"].items()
+    for group in cluster["workerGroupSpecs"]:
+        assert not grpc_svc["spec"]["selector"].items() <= group["template"]["metadata"]["labels"].items()
+        assert cfg.grpc_port not in [p["containerPort"] for p in group["template"]["spec"]["containers"][0]["ports"]]
     assert ports["dashboard"] == int(head["rayStartParams"]["dashboard-port"])
     assert ports["metrics"] == int(head["rayStartParams"]["metrics-export-port"])
     assert cluster["enableInTreeAutoscaling"] is values.get("autoscaler", {}).get("enabled", True)
@@ -294,7 +302,7 @@ def test_non_root(rendered, name):
 
 def test_optional_objects(rendered):
     assert sorted(o["kind"] for o in rendered["default"]) == [
-        "NetworkPolicy", "PersistentVolumeClaim", "RayService", "ServiceAccount"]  # fmt: skip
+        "NetworkPolicy", "PersistentVolumeClaim", "RayService", "Service", "ServiceAccount"]  # fmt: skip (gRPC)
     (default_rs,) = by_kind(rendered["default"], "RayService")
     assert default_rs["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}  # private by default
     (default_np,) = by_kind(rendered["default"], "NetworkPolicy")
@@ -306,7 +314,7 @@ def test_optional_objects(rendered):
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     shipped = json.loads((CHART / "dashboards/twotower.json").read_text())
     assert json.loads(dashboard["data"]["twotower.json"]) == shipped
-    (svc,) = by_kind(gpu, "Service")
+    (svc,) = [o for o in by_kind(gpu, "Service") if o["metadata"]["name"].endswith("-metrics")]
     (monitor,) = by_kind(gpu, "ServiceMonitor")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     assert monitor["spec"]["endpoints"][0]["port"] == svc["spec"]["ports"][0]["name"]
@@ -316,7 +324,7 @@ def test_optional_objects(rendered):
     (np,) = by_kind(gpu, "NetworkPolicy")
     assert np["spec"]["podSelector"]["matchLabels"] == svc["spec"]["selector"]
     ports = [p["name"] for p in rs["spec"]["serveService"]["spec"]["ports"]]
-    assert ports == ["serve", "serve-grpc"]
+    assert ports == ["serve"]
     assert rs["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
     (init,) = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["initContainers"]
     assert {e["name"]: e["value"] for e in init["env"]}["MODEL_SOURCE"].startswith("s3://")
@@ -326,7 +334,7 @@ def test_optional_objects(rendered):
 def test_notes(helm):
     p = helm("install", RELEASE, str(CHART), "-n", NAMESPACE, "--dry-run=client")
     notes = p.stdout[p.stdout.index("NOTES:") :]
-    for needle in ("port-forward svc/tt-twotower-serve-svc 8000:8000 9000:9000",
+    for needle in ("port-forward svc/tt-twotower-serve-svc 8000:8000 &", "port-forward svc/tt-twotower-grpc 9000:9000",
                    "grpcurl -plaintext localhost:9000", "twotower.v1.TwoTower/Generate",
                    "/v1/completions", "helm upgrade", "twotower scale --dashboard"):  # fmt: skip
         assert needle in notes, needle
@@ -425,4 +433,3 @@ def test_schema_mirrors_code():
         assert set(serve["properties"][section]["properties"]) == set(ServeConfig().to_dict()[section]), section
     sampling = {f.name for f in dataclasses.fields(SamplingParams)}
     assert set(serve["properties"]["defaults"]["propertyNames"]["enum"]) == sampling
-    assert chart_values()["grpcServicerFunctions"] == grpc_servicer_functions()

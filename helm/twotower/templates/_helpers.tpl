@@ -241,7 +241,7 @@ serveConfigV2: what twotower.cluster.serve.deploy.serve_deploy_config(ServeConfi
 {{- if $s.tls_certfile }}{{ $_ := set $http "ssl_certfile" $s.tls_certfile }}{{ end }}
 {{- if $s.tls_keyfile }}{{ $_ := set $http "ssl_keyfile" $s.tls_keyfile }}{{ end }}
 {{- if $s.tls_ca_certs }}{{ $_ := set $http "ssl_ca_certs" $s.tls_ca_certs }}{{ end }}
-{{- $cfg := dict "proxy_location" "EveryNode" "http_options" $http "grpc_options" (dict "port" $s.grpc_port "grpc_servicer_functions" .Values.grpcServicerFunctions) "applications" (list $app) }}
+{{- $cfg := dict "proxy_location" "EveryNode" "http_options" $http "applications" (list $app) }}
 {{- toYaml $cfg }}
 {{- end }}
 

@@ -211,3 +211,22 @@ def _encode_pair(port: int, context: str, continuation: str) -> tuple[list[int],
     whole, head = tokenize(context + continuation), tokenize(context)
     return head, whole[len(head) :]
 
+
+
+def test_every_listener_is_on_loopback_but_the_gloo_store(served):
+    """A default `twotower serve`: its HTTP and gRPC ports, Ray's dashboard, GCS, raylet, workers, agents
+    and Serve's replica servers listen on 127.0.0.1 only (the `ss -ltn` check, for this process tree).
+    The one exception, named here: torch's TCPStore of the CPU tensor transport (gloo) in a tower actor,
+    which binds every interface whatever its address (docs/tower_pair.md)."""
+    from tests.listeners import listening
+
+    socks = listening(served["proc"].pid)
+    ports = {port for _, port, _ in socks}
+    assert {served["ports"]["http"], served["ports"]["grpc"], served["ports"]["dashboard"]} <= ports, socks
+
+    def cmdline(pid: int) -> str:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+
+    outside = [(a, p, cmdline(pid)) for a, p, pid in socks if a != "127.0.0.1"]
+    assert all("TowerWorker" in c for _, _, c in outside), outside
+    assert len(outside) <= 1, outside  # the context tower hosts the pair's store

@@ -8,7 +8,7 @@ import copy
 import pytest
 
 from twotower.cluster.serve.config import ServeConfig
-from twotower.cluster.serve.deploy import grpc_servicer_functions, scaling_of, serve_deploy_config, set_replicas
+from twotower.cluster.serve.deploy import scaling_of, serve_deploy_config, set_replicas
 
 
 def _validate(cfg: dict) -> None:
@@ -64,8 +64,7 @@ def test_deploy_config_is_a_valid_serve_config_and_scales():
     assert pair["graceful_shutdown_timeout_s"] == 120.0  # in-flight streams drain on scale-down
     assert pair["placement_group_strategy"] == "STRICT_PACK"
     assert pair["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in pair
-    assert "twotower.protos.twotower_v1_pb2_grpc.add_TwoTowerServicer_to_server" in (
-        dc["grpc_options"]["grpc_servicer_functions"])  # fmt: skip
+    assert "grpc_options" not in dc  # no Serve gRPC proxy: the Ingress replica listens (serve/app.py)
     args = copy.deepcopy(dc["applications"][0]["args"])
     code_version = _code_version(dc)
     fixed = set_replicas(dc, "twotower", replicas=2)
@@ -120,13 +119,6 @@ def test_open_autoscaling_bound_is_what_the_cluster_holds():
     assert gpu.fit_to({"CPU": 64.0, "GPU": 8.0}).autoscaling.max_replicas == 4  # 2 GPUs per pair
     assert ServeConfig(autoscaling={"max_replicas": 2}).fit_to({"CPU": 64.0}).autoscaling.max_replicas == 2
     _validate(serve_deploy_config(cfg.fit_to({"CPU": 4.0})))
-
-
-def test_grpc_servicer_functions_name_our_service_and_health():
-    assert grpc_servicer_functions() == [
-        "twotower.protos.twotower_v1_pb2_grpc.add_TwoTowerServicer_to_server",
-        "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
-    ]
 
 
 def test_the_import_path_of_configs_deployed_before_the_move_still_resolves():

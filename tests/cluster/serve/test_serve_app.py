@@ -58,7 +58,8 @@ def cluster(model_dir, tmp_path_factory):
     })  # fmt: skip
     put_config(dashboard, serve_deploy_config(cfg))
     _wait(lambda: replica_counts(dashboard, APP).get("TowerPair") == 1, 180, "the app to start")
-    channel = grpc.insecure_channel(f"127.0.0.1:{cfg.grpc_port}")
+    # gRPC over TLS with the app's certificate (the Ingress replica's own listener)
+    channel = grpc.secure_channel(f"127.0.0.1:{cfg.grpc_port}", grpc.ssl_channel_credentials(ca.read_bytes()))
     _wait(lambda: _health(channel) == 1, 60, "gRPC health SERVING")
     yield {"cfg": cfg, "dashboard": dashboard, "channel": channel, "metrics_port": metrics_port, "ca": ca}
     channel.close()
@@ -136,7 +137,11 @@ def test_health_reflection_model_info_and_invalid_requests(cluster):
     with pytest.raises(grpc.RpcError) as e:
         list(stub.Generate(bad, metadata=MD, timeout=30))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "block_size" in e.value.details()
-    with pytest.raises(grpc.RpcError) as e:  # through Serve's proxy, a call without the key is refused
+    with grpc.insecure_channel(f"127.0.0.1:{cluster['cfg'].grpc_port}") as plain, pytest.raises(grpc.RpcError) as e:
+        stub_plain = pb_grpc.TwoTowerStub(plain)  # TLS only: a plaintext client gets no answer
+        stub_plain.ModelInfo(pb.ModelInfoRequest(), metadata=MD, timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(grpc.RpcError) as e:  # a call without the key is refused
         stub.ModelInfo(pb.ModelInfoRequest(), metadata=(("application", APP),), timeout=30)
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     import openai
