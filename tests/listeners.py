@@ -19,7 +19,7 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def _tree(root: int) -> set[int]:
+def process_tree(root: int) -> set[int]:
     kids, out, todo = _children(), set(), [root]
     while todo:
         pid = todo.pop()
@@ -55,7 +55,7 @@ def _address(hex_addr: str) -> str:
 
 def listening(root: int) -> list[tuple[str, int, int]]:
     """(address, port, pid) of every TCP socket in LISTEN state held by `root` or its descendants."""
-    owner = {ino: pid for pid in _tree(root) for ino in _socket_inodes(pid)}
+    owner = {ino: pid for pid in process_tree(root) for ino in _socket_inodes(pid)}
     out = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
