@@ -52,7 +52,13 @@ def test_mtls_needs_a_client_certificate_the_ca_signed(certs):
 
 
 def test_a_busy_port_is_an_error_at_build_time():
-    server, port = gi.build_grpc_server(gi.GrpcIngress(FakeServer()), "127.0.0.1:0", options=[("grpc.so_reuseport", 0)])
-    with pytest.raises(RuntimeError, match="could not bind"):
-        gi.build_grpc_server(gi.GrpcIngress(FakeServer()), f"127.0.0.1:{port}", options=[("grpc.so_reuseport", 0)])
-    del server
+    import asyncio
+
+    async def main():
+        no_reuse = [("grpc.so_reuseport", 0)]
+        server, port = gi.build_grpc_server(gi.GrpcIngress(FakeServer()), "127.0.0.1:0", options=no_reuse)
+        with pytest.raises(RuntimeError, match="could not bind"):
+            gi.build_grpc_server(gi.GrpcIngress(FakeServer()), f"127.0.0.1:{port}", options=no_reuse)
+        await server.stop(None)
+
+    asyncio.run(main())
