@@ -104,7 +104,12 @@ class Engine:
         return req
 
     def _resume(self, req: Request, resume: Resume) -> None:
+        if isinstance(resume.token_ids, str):  # _tokens would tokenize text; a resume carries what was streamed
+            raise ValueError("resume.token_ids: must be token ids, not text")
         ids = self._tokens(resume.token_ids, "resume.token_ids")
+        t = resume.text_chars
+        if type(t) is not int or t < 0:
+            raise ValueError(f"resume.text_chars: must be a non-negative integer (got {t!r})")
         if len(ids) >= req.params.max_tokens:
             raise ValueError(f"resume.token_ids: {len(ids)} tokens leave nothing of max_tokens "
                              f"{req.params.max_tokens} to generate")  # fmt: skip

@@ -90,6 +90,8 @@ def test_resume_keeps_looking_for_stop_strings(tw):
         (Resume([5, 6], logprobs=[0.0]), P(), "resume.logprobs"),
         (Resume([70, 71], text_chars=3), P(), "resume.text_chars"),
         (Resume([70, 71], chunks=[1]), P(), "resume.chunks"),
+        (Resume([70, 71], text_chars=-1), P(), "resume.text_chars"),
+        (Resume("AB"), P(), "resume.token_ids"),
     ],
 )
 def test_bad_resume_is_a_value_error_naming_the_field(tw, resume, params, field):
