@@ -37,14 +37,10 @@ RUN python -c "import tomllib; p = tomllib.load(open('/tmp/twotower/pyproject.to
 print('\n'.join(p['dependencies'] + p['optional-dependencies']['${EXTRAS}']))" > /tmp/twotower/requirements.txt \
  && pip install --no-build-isolation -r /tmp/twotower/requirements.txt
 
-# 3. the package itself (kernels, decoding, towers, cluster, protos, and the bundled model as package data)
+# 3. the package itself (twotower/: kernels, decoding, towers, cluster, protos, and the bundled model as
+#    package data)
 COPY --chown=1000:100 README.md /tmp/twotower/README.md
-COPY --chown=1000:100 towers /tmp/twotower/towers
-COPY --chown=1000:100 kernels /tmp/twotower/kernels
-COPY --chown=1000:100 decoding /tmp/twotower/decoding
-COPY --chown=1000:100 cluster /tmp/twotower/cluster
-COPY --chown=1000:100 protos /tmp/twotower/protos
-COPY --chown=1000:100 models /tmp/twotower/models
+COPY --chown=1000:100 twotower /tmp/twotower/twotower
 RUN pip install --no-deps --no-build-isolation /tmp/twotower \
  && rm -rf /tmp/twotower \
  && python -c "import twotower.cluster.serve.app, twotower.cluster.app, twotower.protos.twotower_v1_pb2_grpc, grpc_health.v1.health_pb2_grpc" \

@@ -5,7 +5,7 @@ Layers, bottom up (a module may import only its own layer and those below it):
     kernels, protos, decoding  ->  towers  ->  cluster.engine -> cluster.actors -> cluster.ingress
                                                               -> cluster.serve -> cluster.cli
 
-`cluster/__init__.py` and `cluster/app.py` (the public API and the old Serve import path) sit on top.
+`twotower/cluster/__init__.py` and `twotower/cluster/app.py` (the public API and the old Serve import path) sit on top.
 The engine core imports no Ray, gRPC or FastAPI. Imports are read from the source (ast), those inside
 functions included, so an import cycle shows even where it only works because an import is deferred;
 and a new file or sub-package is checked without editing this test.
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-# top-level package -> folder (pyproject's package-dir)
+ROOT = Path(__file__).resolve().parents[1] / "twotower"  # the package folder
+# sub-package -> its folder under twotower/
 PACKAGES = {"kernels": "kernels", "protos": "protos", "decoding": "decoding", "towers": "towers",
             "cluster": "cluster"}  # fmt: skip
 # rank of each layer: a module may import modules of equal or lower rank. Unlisted cluster
@@ -103,7 +103,7 @@ def layer_of(name: str) -> str:
     if parts[0] != "cluster":
         return parts[0]
     if len(parts) == 1 or parts[1] not in {p.name for p in (ROOT / "cluster").iterdir() if p.is_dir()}:
-        return "cluster"  # cluster/__init__.py and modules at the cluster root
+        return "cluster"  # twotower/cluster/__init__.py and modules at the cluster root
     return f"cluster.{parts[1]}"
 
 

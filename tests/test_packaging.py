@@ -42,3 +42,23 @@ def test_wheel_ships_the_bundled_model_and_generates_from_a_fresh_venv(tmp_path)
     assert "tokens=16 finish=length" in out.stderr and out.stdout.strip(), out.stderr[-2000:]
     where = _run(str(py), "-c", "import twotower.cluster.engine.loading as m; print(m.BUNDLED_MODEL)", cwd=tmp_path)
     assert where.stdout.strip() == str(own / "twotower" / "models" / "twotower-tiny")
+
+
+def test_the_image_build_context_has_every_file_the_dockerfile_copies():
+    """Every COPY source of the Dockerfile exists and survives .dockerignore (docker has no other way to
+    tell: a source the ignore file drops fails the build with "not found"), and the package folder
+    copied is the one setuptools packages."""
+    import fnmatch
+
+    ignored = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
+               if ln.strip() and not ln.startswith("#")]  # fmt: skip
+    sources = []
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"]:
+            sources += [w for w in words[1:-1] if not w.startswith("--")]
+    assert "twotower" in sources and "pyproject.toml" in sources, sources
+    for src in sources:
+        assert (ROOT / src).exists(), src
+        hits = [pat for pat in ignored if fnmatch.fnmatch(src, pat) or fnmatch.fnmatch(src.split("/")[0], pat)]
+        assert not hits, f"{src} is copied by the Dockerfile but dropped by .dockerignore {hits}"

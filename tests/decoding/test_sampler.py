@@ -1,4 +1,4 @@
-"""Next-token sampling (decoding/sampler.py) and the denoiser's tempered x0 draw stay finite for every
+"""Next-token sampling (twotower/decoding/sampler.py) and the denoiser's tempered x0 draw stay finite for every
 temperature validation accepts: a tiny temperature is greedy in the limit, never inf - inf."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Attention kernels (kernels/attention.py): SDPA entry point vs the float32 reference vs an explicit
+"""Attention kernels (twotower/kernels/attention.py): SDPA entry point vs the float32 reference vs an explicit
 per-(row, head, query) softmax, with masks from key_mask, whose semantics are checked separately."""
 
 from __future__ import annotations

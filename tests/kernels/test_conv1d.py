@@ -1,4 +1,4 @@
-"""Causal depthwise conv1d (kernels/conv1d.py) against explicit loops.
+"""Causal depthwise conv1d (twotower/kernels/conv1d.py) against explicit loops.
 
 Layouts as in the kernel: x [b, d, l], weight [d, w], state [b, d, w] = last w raw columns (newest last),
 history [b, d, w - 1] = the raw columns before x.

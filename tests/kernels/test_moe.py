@@ -1,5 +1,5 @@
-"""Routed experts (kernels/moe.py) and the router (towers/moe.py TopkRouter) against explicit per-token
-Python. Expert dims are multiples of 8 so torch's grouped_mm accepts them on CPU (16-byte strides)."""
+"""Routed experts (twotower/kernels/moe.py) and the router (twotower/towers/moe.py TopkRouter) against explicit
+per-token Python. Expert dims are multiples of 8 so torch's grouped_mm accepts them on CPU (16-byte strides)."""
 
 from __future__ import annotations
 

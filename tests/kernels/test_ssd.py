@@ -1,4 +1,4 @@
-"""Chunked SSD scan (kernels/ssd.py) against an explicit token-by-token recurrence written here.
+"""Chunked SSD scan (twotower/kernels/ssd.py) against an explicit token-by-token recurrence written here.
 
 The oracle is the spec's recurrence, per head h with state S [p, n]:
     S_t = exp(dt_t * A_h) * S_{t-1} + dt_t * x_t (outer) B_t      y_t = S_t @ C_t + D_h * x_t

@@ -1,4 +1,4 @@
-"""Fused Triton decode step (kernels/triton_mamba_step.py) against its twin `mamba_decode_step_ref`, the
+"""Fused Triton decode step (twotower/kernels/triton_mamba_step.py) against its twin `mamba_decode_step_ref`, the
 twin against explicit float64 loops, and a run of decode steps against the sequence path (conv over the
 whole block + SSD scan from the same states).
 

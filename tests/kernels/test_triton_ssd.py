@@ -1,4 +1,4 @@
-"""Triton block scan (kernels/triton_ssd.py) against its twin `ssd_block_scan_ref` and, where useful, the
+"""Triton block scan (twotower/kernels/triton_ssd.py) against its twin `ssd_block_scan_ref` and, where useful, the
 float64 token-by-token oracle of test_ssd.py.
 
 The Triton entry point is called directly (the public dispatcher picks the reference on CPU). Without

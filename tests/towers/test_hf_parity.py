@@ -1,4 +1,4 @@
-"""Parity of our context tower with transformers' native `NemotronHForCausalLM` (5.24.0, pure-PyTorch path).
+"""Parity of our context tower with transformers' native `NemotronHForCausalLM` (5.25, pure-PyTorch path).
 
 For each small random config (fp32, hidden 64, every layer kind M * E -, one config with group-limited
 routing n_group=2 / topk_group=1) transformers builds the model, every parameter and buffer is
@@ -11,21 +11,21 @@ checkpoint in the NVIDIA on-disk layout (`backbone.*`, one tensor pair per exper
 - right-padded prefill (`n_valid`) vs transformers row by row, then decoding on from the padded state;
 - block extension: prefill + `forward` on 16-token blocks vs the no-cache forward of the whole sequence;
 - cached decode: prefill of a prefix + 16 single-token `decode` steps vs transformers with its cache
-  (`use_cache=True`, then `cache=out.cache`; `past_key_values=` is a deprecated alias in 5.24).
+  (`use_cache=True`, then `cache=out.cache`; `past_key_values=` is a deprecated alias).
 
-Findings about the reference, transformers 5.24.0 (see docs/parity.md):
+Findings about the reference, transformers 5.25.0 (see docs/parity.md):
 
-- Inter-chunk SSM recurrence: correct in 5.24.0 (the wrong-axis reduction reported for 5.6-5.13 is
+- Inter-chunk SSM recurrence: correct since 5.24.0 (the wrong-axis reduction reported for 5.6-5.13 is
   gone). `test_reference_is_self_consistent` checks it: its no-cache forward over 128 tokens (8 or 16
   chunks) equals its own token-by-token cached decode (which never chunks) to ~5e-6, while dropping
   the SSM state at the first chunk boundary would move logits by >1e-2. So prefill up to 128 tokens,
   past chunk_size, is a valid comparison here.
-- dt clamp: transformers' chunked path (any multi-token forward, and the first cached token) clamps
-  softplus(dt + dt_bias) >= time_step_min (1e-3); its single-token decode path and the CUDA kernels do
-  not. We follow the kernels (clamp only to time_step_limit, default (0, inf)). The random weights keep
-  dt above 2 * time_step_min (asserted; measured minimum 7e-3), where both agree.
-  `test_dt_clamp_deviation` shows the deviation at dt = 1e-4 and reproduces both transformers outputs
-  by emulating its clamp schedule.
+- dt clamp: since 5.25 transformers clamps dt only to `config.time_step_limit` (default (0, inf)) on
+  both paths, as the CUDA kernels and our tower do; 5.24 clamped its chunked path (any multi-token
+  forward, and the first cached token) at time_step_min (1e-3), so it disagreed with its own decode
+  whenever dt < 1e-3. The random weights keep dt above 2 * time_step_min anyway (asserted; measured
+  minimum 7e-3). `test_dt_below_time_step_min_is_not_clamped` compares at dt = 1e-4, where a clamp
+  on either side would show.
 - The Mamba gated RMSNorm casts to the input dtype before multiplying the weight (the block RMSNorm
   multiplies in fp32 first); identical in fp32, a bf16 rounding difference only.
 """
@@ -206,10 +206,12 @@ def _set_dt_limit(tower: ContextTower, limit: tuple[float, float]) -> None:
 
 
 @torch.no_grad()
-def test_dt_clamp_deviation(tmp_path):
-    """With dt = 1e-4 < time_step_min, transformers' chunked path clamps dt to 1e-3, its single-token
-    path does not (and its first cached token goes through the chunked path). Emulating exactly that
-    with our dt limit reproduces both of its outputs; our default (no clamp, as the CUDA kernels) differs."""
+def test_dt_below_time_step_min_is_not_clamped(tmp_path):
+    """With dt = 1e-4 < time_step_min (1e-3), transformers (>= 5.25) clamps dt on neither its chunked nor
+    its single-token path, as the CUDA kernels with the default time_step_limit (0, inf); ours equals
+    both. transformers 5.24 clamped the chunked path only, so its prefill and decode disagreed. Clamping
+    ours at time_step_min moves the logits by far more than the parity bound: the input exercises the
+    clamp, so the equalities above would catch one coming back on either side."""
     spec = CONFIGS["M*EM-E"]
     hf = build_hf_model(spec["pattern"], spec["seed"], **spec["overrides"])
     tiny_dt, t_min = 1e-4, hf.config.time_step_min
@@ -222,26 +224,23 @@ def test_dt_clamp_deviation(tmp_path):
     n = 40
     ids = _ids(7, BATCH, n)
     hf_prefill = hf(ids).logits
-    out = hf(ids[:, :1], use_cache=True)  # chunked path: clamped
+    out = hf(ids[:, :1], use_cache=True)  # chunked path
     hf_steps = [out.logits[:, -1]]
     for i in range(1, n):
-        out = hf(ids[:, i : i + 1], cache=out.cache, use_cache=True)  # recurrent path: not clamped
+        out = hf(ids[:, i : i + 1], cache=out.cache, use_cache=True)  # recurrent path
         hf_steps.append(out.logits[:, -1])
     hf_steps = torch.stack(hf_steps, 1)
-    _differs("dt=1e-4: transformers prefill vs its own decode", hf_prefill, hf_steps, 1e-3)
 
     assert ours.cfg.time_step_limit == (0.0, float("inf"))
     unclamped = ours.logits(ours(ids, ours.new_state(BATCH, n)))
-    _differs("dt=1e-4: ours (no clamp) vs transformers prefill", unclamped, hf_prefill, 1e-3)
+    _close("dt=1e-4: ours vs transformers prefill", unclamped, hf_prefill)
+    state = ours.new_state(BATCH, n)
+    steps = [ours.logits(ours(ids[:, :1], state))[:, -1]] + [ours.decode(ids[:, i], state) for i in range(1, n)]
+    _close("dt=1e-4: ours decode vs transformers decode", torch.stack(steps, 1), hf_steps)
 
     _set_dt_limit(ours, (t_min, float("inf")))
-    _close("dt=1e-4: ours clamped at 1e-3 vs transformers prefill", ours.logits(ours(ids, ours.new_state(BATCH, n))),
-           hf_prefill)  # fmt: skip
-    state = ours.new_state(BATCH, n)
-    mixed = [ours.logits(ours(ids[:, :1], state))[:, -1]]  # first token clamped, like transformers
-    _set_dt_limit(ours, (0.0, float("inf")))
-    mixed += [ours.decode(ids[:, i], state) for i in range(1, n)]
-    _close("dt=1e-4: ours, 1st token clamped, vs transformers decode", torch.stack(mixed, 1), hf_steps)
+    clamped = ours.logits(ours(ids, ours.new_state(BATCH, n)))
+    _differs("dt=1e-4: ours clamped at time_step_min vs transformers prefill", clamped, hf_prefill, 1e-3)
 
 
 @torch.no_grad()

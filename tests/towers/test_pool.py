@@ -1,4 +1,4 @@
-"""The state pool (towers/pool.py): the static-shape passes over slots equal the ContextState passes, and a
+"""The state pool (twotower/towers/pool.py): the static-shape passes over slots equal the ContextState passes, and a
 mirror pool kept with slot deltas equals the original for the slots it was sent."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Training checkpoints (towers/train/common.py) round-trip tensors and plain data, and loading one runs
+"""Training checkpoints (twotower/towers/train/common.py) round-trip tensors and plain data, and loading one runs
 no pickled code (weights_only=True)."""
 
 from __future__ import annotations

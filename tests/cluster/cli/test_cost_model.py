@@ -1,4 +1,4 @@
-"""The memory-bound cost model (cluster/cli/cost_model.py): its counts agree with the engine's own forward
+"""The memory-bound cost model (twotower/cluster/cli/cost_model.py): its counts agree with the engine's own forward
 counts and with the router's top-k, its byte formula with a parameter count written out here, and the
 meter leaves the runners as it found them."""
 

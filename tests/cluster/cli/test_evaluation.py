@@ -1,4 +1,4 @@
-"""`twotower eval` (cluster/evaluation.py): the prompts really come from held-out files, the quality
+"""`twotower eval` (twotower/cluster/evaluation.py): the prompts really come from held-out files, the quality
 measures mean what the table says, and a small grid on the bundled model gives rows whose invariants hold
 (AR agrees with itself, lossless with AR, mock-AR takes one denoiser forward per token)."""
 

@@ -1,4 +1,4 @@
-"""The bundled model (models/twotower-tiny): loads through the default path and decodes in every mode;
+"""The bundled model (twotower/models/twotower-tiny): loads through the default path and decodes in every mode;
 lossless equals AR greedy on it (a trained denoiser accepts long prefixes, which random weights never do)."""
 
 from __future__ import annotations

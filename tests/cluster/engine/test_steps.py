@@ -1,4 +1,4 @@
-"""Static-shape tower steps (engine/steps.py, runners over towers/pool.py).
+"""Static-shape tower steps (engine/steps.py, runners over twotower/towers/pool.py).
 
 - Compiled steps give the eager steps' tokens in every mode, under joins and finishes mid-block and over
   lengths that grow past several window buckets, and each (step, bucket) compiles exactly once: zero

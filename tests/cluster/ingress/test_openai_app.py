@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP ingress (cluster/openai_api.py) against a fake ServerClient, without Ray:
+"""The OpenAI-compatible HTTP ingress (twotower/cluster/openai_api.py) against a fake ServerClient, without Ray:
 JSON <-> api_types conversion, SSE streaming, errors naming the field, aborts when the client goes away,
 and the official `openai` client against a real uvicorn server."""
 

@@ -26,14 +26,14 @@ from .tokenizer import ByteTokenizer, Tokenizer, TokenizerLike
 
 
 def _bundled_model() -> Path:
-    """The model `twotower` serves by default: package data of twotower.models (models/ of a source
+    """The model `twotower` serves by default: package data of twotower.models (twotower/models/ of a source
     checkout, inside site-packages for an installed wheel)."""
     import importlib.util
 
     spec = importlib.util.find_spec("twotower.models")
     if spec is not None and spec.submodule_search_locations:
         return Path(next(iter(spec.submodule_search_locations))) / "twotower-tiny"
-    return Path(__file__).resolve().parents[2] / "models" / "twotower-tiny"  # a source tree on sys.path
+    return Path(__file__).resolve().parents[2] / "models" / "twotower-tiny"  # twotower/models of a source tree
 
 
 BUNDLED_MODEL = _bundled_model()

@@ -1,10 +1,11 @@
 """One Mamba-2 decode step (conv update + silu + selective state update), updating the states in place.
 
 Plain-PyTorch reference (`mamba_decode_step_ref`) of the fused Triton kernel in
-kernels/triton_mamba_step.py; both share this contract (axis legend as in kernels/ssd.py, k = conv width):
+twotower/kernels/triton_mamba_step.py; both share this contract (axis legend as in twotower/kernels/ssd.py,
+k = conv width):
 
     xBC         [b, conv_dim]       raw (pre-conv) column of this token; conv_dim = h*p + 2*g*n
-    conv_state  [b | slots, conv_dim, k]   last k raw columns, newest at index -1 (kernels/conv1d.py)
+    conv_state  [b | slots, conv_dim, k]   last k raw columns, newest at index -1 (twotower/kernels/conv1d.py)
     conv_weight [conv_dim, k], conv_bias [conv_dim] or None
     dt          [b, h]  float32, already softplus + bias + clamp
     A [h] (negative), D [h] or None
@@ -21,7 +22,7 @@ kernels/triton_mamba_step.py; both share this contract (axis legend as in kernel
 The conv and the state update are computed in float32 whatever the input dtypes (the mixer's unfused
 decode path rounds the conv output to the activation dtype before silu; this one does not).
 
-Mixer decode branch (towers/mamba2.py, seqlen == 1 ... inplace) would read:
+Mixer decode branch (twotower/towers/mamba2.py, seqlen == 1 ... inplace) would read:
     y = kernels.mamba_decode_step(xBC[:, 0], state.conv, weight, self.conv1d.bias, dt[:, 0], A, self.D,
                                   state.ssm)                      # y [b, h, p]; state updated in place
 """

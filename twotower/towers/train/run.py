@@ -1,6 +1,7 @@
 """Train the bundled two-tower model end to end:
 
-    python -m twotower.towers.train.run --out models/twotower-tiny --minutes-ar 60 --minutes-denoiser 60 --seed 0
+    python -m twotower.towers.train.run --out twotower/models/twotower-tiny \
+        --minutes-ar 60 --minutes-denoiser 60 --seed 0
 
 corpus (CPython stdlib source) -> byte-level BPE (4096) -> AR context tower -> denoiser (frozen context
 tower) -> `save_twotower` (bf16, per-expert layout) + tokenizer.json + MODEL.md. Every stage is resumable:
@@ -228,8 +229,8 @@ def model_card(i: dict, cfg) -> str:
         "# twotower-tiny",
         "",
         "A small two-tower block-diffusion model trained on CPU by this repository's own pipeline",
-        "(`towers/train/`), bundled as the default model of `twotower generate`. It exercises every layer kind",
-        "of NemotronH TwoTower (Mamba-2, attention, MoE) and the full denoiser conditioning; it is a test",
+        "(`twotower/towers/train/`), bundled as the default model of `twotower generate`. It exercises every "
+        "layer kind of NemotronH TwoTower (Mamba-2, attention, MoE) and the full denoiser conditioning; it is a test",
         "fixture with plausible Python output, not a useful code model.",
         "",
         "## Reproduce",
@@ -245,7 +246,8 @@ def model_card(i: dict, cfg) -> str:
         "",
         "## Data",
         "",
-        f"- Corpus: CPython standard library source at `{i['corpus_root']}` (rules in `towers/train/corpus.py`:",
+        f"- Corpus: CPython standard library source at `{i['corpus_root']}` (rules in "
+        "`twotower/towers/train/corpus.py`:",
         "  all `*.py` incl. `test/`, excluding site-packages, __pycache__, encodings, pydoc_data, config-*,",
         "  files > 256 KB and non-UTF-8 files).",
         f"- Files: {i['files']} ({i['train_files']} train / {i['heldout_files']} held out, whole files by path hash),"
@@ -298,7 +300,8 @@ def model_card(i: dict, cfg) -> str:
     if dec:
         lines += [
             "",
-            f"Greedy mask diffusion (`towers/train/evaluate.py`, the reference loop) on {dec['prompts']} held-out "
+            "Greedy mask diffusion (`twotower/towers/train/evaluate.py`, the reference loop) on "
+            f"{dec['prompts']} held-out "
             f"{dec['prompt_len']}-token prompts, {dec['max_new']} new tokens, block {dec['block']}:",
             "",
             "| gamma | tokens / denoiser forward | token match with AR greedy | first divergence (mean) |",

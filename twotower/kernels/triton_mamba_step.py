@@ -1,8 +1,8 @@
 """Fused Triton Mamba-2 decode step: conv update + silu + selective state update, one launch.
 
-Contract: kernels/mamba_step.py (`mamba_decode_step_ref` is the tested twin). Like kernels/triton_ssd.py
-this module imports triton at import time and is imported only on CUDA tensors or by the tests (after
-TRITON_INTERPRET=1 on a CPU machine).
+Contract: twotower/kernels/mamba_step.py (`mamba_decode_step_ref` is the tested twin). Like
+twotower/kernels/triton_ssd.py this module imports triton at import time and is imported only on CUDA
+tensors or by the tests (after TRITON_INTERPRET=1 on a CPU machine).
 
 Grid: one program per (batch row, B/C group). A group's program owns every conv channel that group's
 heads read: the x channels of its h/g heads and the group's own B and C channels. So each conv-state
@@ -107,7 +107,7 @@ def mamba_decode_step(
     block_p: int | None = None,
 ) -> Tensor:
     """Triton twin of `mamba_decode_step_ref` (same arguments, in-place updates and return; see
-    kernels/mamba_step.py). Any strides are accepted. `block_p` (a power of 2) overrides the head-dim
+    twotower/kernels/mamba_step.py). Any strides are accepted. `block_p` (a power of 2) overrides the head-dim
     tile, for tests and tuning; by default the state tile is about 4096 elements."""
     nheads, hdim, ngroups, dstate, width = decode_step_dims(xBC, conv_state, conv_weight, dt, ssm_state, state_slots)
     bsz = xBC.shape[0]

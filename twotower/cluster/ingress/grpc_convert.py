@@ -1,4 +1,4 @@
-"""Conversion between the `twotower.v1` protobuf messages (protos/twotower_v1.proto) and `api_types`.
+"""Conversion between the `twotower.v1` protobuf messages (twotower/protos/twotower_v1.proto) and `api_types`.
 
 Pure functions of messages and values, no I/O: requests and sampling parameters from protobuf (raising
 InvalidRequest naming the field), the server's deltas, scores and model info back to protobuf, and the

@@ -1,7 +1,7 @@
 """SSD scan of one short block (l <= 64) from a seeded state, optionally through a state-slot pool.
 
-Plain-PyTorch reference (`ssd_block_scan_ref`) of the Triton kernel in kernels/triton_ssd.py; both share
-the contract below (axis legend and recurrence as in kernels/ssd.py):
+Plain-PyTorch reference (`ssd_block_scan_ref`) of the Triton kernel in twotower/kernels/triton_ssd.py; both share
+the contract below (axis legend and recurrence as in twotower/kernels/ssd.py):
 
     x [b, l, h, p], dt [b, l, h] (discretised, float32; dt = 0 = identity step), A [h] (negative),
     B, C [b, l, g, n] (head j reads group j // (h // g)), D [h] or None.

@@ -109,7 +109,7 @@ def ssd_block_scan(x, dt, A, B, C, D=None, initial_state=None, *, state_slots=No
                    return_all_states=False):  # fmt: skip
     """SSD scan of one block of l <= 64 positions from a seeded state, optionally through a state-slot
     pool (`state_slots` [b]: row r reads initial_state[state_slots[r]]; `out_state`: the final states are
-    written there in place, e.g. out_state=initial_state=pool). See kernels/ssd_block.py for the contract.
+    written there in place, e.g. out_state=initial_state=pool). See twotower/kernels/ssd_block.py for the contract.
     Returns (y [b,l,h,p] float32, final state [b,h,p,n] float32 | out_state | all states [b,l,h,p,n])."""
     mod = _triton_kernels(x, "triton_ssd")
     fn = mod.ssd_block_scan if mod is not None else ssd_block_scan_ref
@@ -118,7 +118,7 @@ def ssd_block_scan(x, dt, A, B, C, D=None, initial_state=None, *, state_slots=No
 
 
 def mamba_decode_step(xBC, conv_state, conv_weight, conv_bias, dt, A, D, ssm_state, state_slots=None):
-    """One Mamba-2 decode token per row: conv update + silu + selective state update (kernels/mamba_step.py).
+    """One Mamba-2 decode token per row: conv update + silu + selective state update (twotower/kernels/mamba_step.py).
     xBC [b, conv_dim] raw; conv_state [b|slots, conv_dim, k] and ssm_state [b|slots, h, p, n] are updated
     in place (at rows state_slots[r] when given); dt [b, h] float32 discretised. Returns y [b, h, p] float32.
     The fused Triton kernel on CUDA, else the reference (same contract)."""

@@ -1,4 +1,4 @@
-"""The gRPC ingress: the `twotower.v1.TwoTower` service (protos/twotower_v1.proto) and grpc.health.v1.
+"""The gRPC ingress: the `twotower.v1.TwoTower` service (twotower/protos/twotower_v1.proto) and grpc.health.v1.
 
 `GrpcIngress(server)` turns protobuf requests into `api_types` requests for a `ServerClient` and the
 server's answers back into protobuf, with the conversion functions of `grpc_convert.py` (the only place

@@ -1,7 +1,7 @@
 """Triton SSD scan of one short block (l <= 64) from a seeded state: `ssd_block_scan`.
 
-Contract (shapes, slot pool, out_state, return values): kernels/ssd_block.py, whose `ssd_block_scan_ref`
-is the tested twin. This module imports triton at import time; kernels/__init__.py imports it only on
+Contract (shapes, slot pool, out_state, return values): twotower/kernels/ssd_block.py, whose `ssd_block_scan_ref`
+is the tested twin. This module imports triton at import time; twotower/kernels/__init__.py imports it only on
 CUDA tensors, and the tests import it after setting TRITON_INTERPRET=1 on a CPU machine (the decorator
 reads that variable when it runs, i.e. when this module is imported).
 
@@ -142,7 +142,7 @@ def ssd_block_scan(
     block_p: int | None = None,
     block_n: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Triton twin of `ssd_block_scan_ref` (same arguments and returns; see kernels/ssd_block.py).
+    """Triton twin of `ssd_block_scan_ref` (same arguments and returns; see twotower/kernels/ssd_block.py).
 
     Any strides are accepted (views from torch.split/reshape need no copy); l in 1..64. `block_p` and
     `block_n` (powers of 2, >= 16) override the head-dim / state tiles, for tests and tuning."""
