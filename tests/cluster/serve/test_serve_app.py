@@ -215,18 +215,36 @@ def test_metrics_node_port_and_http_route_show_every_family(cluster):
 
 
 def test_autoscaling_grows_under_load_and_shrinks_back(cluster):
+    """Four streams kept in flight (each reissued when it ends: one 500-token stream lasts only ~4 s, shorter
+    than Serve's metric push interval) until a second pair runs; then no load until it is gone."""
+    import threading
+
     dashboard = cluster["dashboard"]
     stub = pb_grpc.TwoTowerStub(cluster["channel"])
     req = pb.GenerateRequest(prompt_text="load", sampling=pb.SamplingParams(
         mode=pb.MODE_DIFFUSION, max_tokens=500, block_size=4, gamma=0.99, ignore_eos=True))  # fmt: skip
-    calls = [stub.Generate(req, metadata=MD, timeout=300) for _ in range(4)]
-    for c in calls:
-        next(c)
+    stop, finished = threading.Event(), []
+
+    def keep_busy():
+        while not stop.is_set():
+            call = stub.Generate(req, metadata=MD, timeout=300)
+            for chunk in call:
+                if stop.is_set():
+                    call.cancel()
+                    break
+                if chunk.finished:
+                    finished.append(chunk.usage.completion_tokens)
+
+    streams = [threading.Thread(target=keep_busy, daemon=True) for _ in range(4)]
+    for t in streams:
+        t.start()
     try:
         _wait(lambda: replica_counts(dashboard, APP).get("TowerPair") == 2, 120, "a second tower pair")
     finally:
-        for c in calls:
-            c.cancel()
+        stop.set()
+        for t in streams:
+            t.join(60)
+    assert all(n == 500 for n in finished)  # the streams that ended while scaling up were whole
     _wait(lambda: replica_counts(dashboard, APP).get("TowerPair") == 1, 120, "scaling back to one pair")
 
 
