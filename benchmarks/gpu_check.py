@@ -71,7 +71,8 @@ def check_kernels(dev: str, out) -> None:
 
 def same_device_transfer(ctx, den, dev: str, out) -> None:
     """The state delta of one committed block, context pool -> a denoiser mirror pool on the same device."""
-    from twotower.cluster.engine.runners import ContextRunner, DenoiserRunner, PoolLimits
+    from twotower.cluster.engine.denoiser_runner import DenoiserRunner
+    from twotower.cluster.engine.runners import ContextRunner, PoolLimits
 
     b, prompt, S = 8, 512, 16
     limits = PoolLimits(b, 2048, 64)

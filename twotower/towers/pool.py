@@ -165,3 +165,38 @@ def _new_positions(slots: Tensor, since: Tensor, n_new: Tensor) -> tuple[Tensor,
     offsets = torch.cumsum(n_new, 0) - n_new
     j = torch.arange(int(n_new.sum()), device=dev) - torch.repeat_interleave(offsets, n_new)
     return row, first + j
+
+
+# ---- prefix-cache payloads: one grid block of a slot, copied out and back -----------------------------
+
+
+def prefix_entry_bytes(cfg: NemotronHConfig, grid: int, dtype: torch.dtype) -> int:
+    """Bytes of one prefix-cache entry: `grid` tokens of KV plus one sequence's Mamba state."""
+    return grid * bytes_per_token(cfg, dtype) + mamba_bytes_per_slot(cfg, dtype)
+
+
+def snapshot_block(pool: StatePool, slot: int, start: int, end: int) -> list[LayerState]:
+    """Copies of slot's K/V at positions [start, end) ([end - start, kv_heads, dim] per attention layer)
+    and of its Mamba states, which must be those after exactly `end` tokens (the caller's contract)."""
+    out: list[LayerState] = []
+    for s in pool.layers:
+        if isinstance(s, AttentionState):
+            out.append(AttentionState(s.k[slot, start:end].clone(), s.v[slot, start:end].clone()))
+        elif isinstance(s, MambaState):
+            out.append(MambaState(s.conv[slot].clone(), s.ssm[slot].clone()))
+        else:
+            out.append(None)
+    return out
+
+
+def seat_prefix(pool: StatePool, slot: int, blocks: list[list[LayerState]], length: int) -> None:
+    """Seat `slot` after the first `length` tokens from consecutive snapshot blocks (the first one from
+    position 0): their K/V laid end to end, the last block's Mamba states."""
+    for i, s in enumerate(pool.layers):
+        if isinstance(s, AttentionState):
+            s.k[slot, :length] = torch.cat([b[i].k for b in blocks])
+            s.v[slot, :length] = torch.cat([b[i].v for b in blocks])
+        elif isinstance(s, MambaState):
+            s.conv[slot] = blocks[-1][i].conv
+            s.ssm[slot] = blocks[-1][i].ssm
+    pool.lengths[slot] = length

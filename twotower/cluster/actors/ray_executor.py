@@ -137,5 +137,9 @@ class RayExecutor(TowerExecutor):
         self._guard()
         return RayFuture(self.ctx.score.remote(prompt, continuation, top, echo), self.pair)
 
+    def prefix_cache_stats(self):
+        self._guard()
+        return RayFuture(self.ctx.cache_stats.remote(), self.pair)
+
     def shutdown(self) -> None:
         self.pair.shutdown()

@@ -10,8 +10,9 @@ from collections import deque
 
 import torch
 
+from twotower.cluster.engine.denoiser_runner import DenoiserRunner
 from twotower.cluster.engine.loading import resolve_dtype
-from twotower.cluster.engine.runners import ContextRunner, DenoiserRunner, PoolLimits
+from twotower.cluster.engine.runners import ContextRunner, PoolLimits
 from twotower.cluster.engine.steps import warm_up
 from twotower.towers.checkpoint import load_tower
 
@@ -91,6 +92,9 @@ class ContextTowerWorker(_Worker):
 
     def score(self, prompt, continuation, top=0, echo=False):
         return self.runner.score(prompt, continuation, top, echo)
+
+    def cache_stats(self):
+        return self.runner.cache_stats()
 
 
 class DenoiserTowerWorker(_Worker):

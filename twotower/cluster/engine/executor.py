@@ -21,8 +21,10 @@ from twotower.decoding.sampler import RowSampling
 from twotower.towers.context import ContextTower
 from twotower.towers.denoiser import DenoiserTower
 
+from .denoiser_runner import DenoiserRunner
+from .prefix_cache import CacheStats
 from .request import Scores
-from .runners import ContextRunner, DenoiserRunner, PoolLimits, Sampled
+from .runners import ContextRunner, PoolLimits, Sampled
 from .steps import warm_up
 
 T = TypeVar("T", covariant=True)
@@ -102,6 +104,10 @@ class TowerExecutor(abc.ABC):
         a progress bar; returns the seconds it took (0 when steps run eagerly)."""
         return 0.0
 
+    def prefix_cache_stats(self) -> Future[CacheStats | None]:
+        """The context tower's prefix-cache counters (prefix_cache.CacheStats); None when it is off."""
+        return Done(None)
+
     def check(self) -> None:
         """Raise if an operation that nobody waited for has failed (remote executors): LaneOpError when
         the op failed and the towers live on, TowersUnavailable when they are gone."""
@@ -165,3 +171,6 @@ class InProcessExecutor(TowerExecutor):
 
     def score(self, prompt, continuation, top=0, echo=False):
         return Done(self.ctx.score(prompt, continuation, top, echo))
+
+    def prefix_cache_stats(self):
+        return Done(self.ctx.cache_stats())

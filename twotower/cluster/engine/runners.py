@@ -7,9 +7,9 @@ Lengths are tracked on the host too, so choosing a bucket never reads the device
 
 `ContextRunner` owns the context tower and the authoritative pool. For lanes whose denoiser runs
 elsewhere it tracks what that mirror holds, so `take_delta` returns only new data: the K/V rows appended
-since, and the Mamba states of the slots that changed. `DenoiserRunner` owns the denoiser; it reads the
-context runner's pool and slot table (one process) or its own mirror of them, kept current with
-`apply_delta`. The in-process executor calls both directly; the Ray layer wraps each in its own actor.
+since, and the Mamba states of the slots that changed. `DenoiserRunner` (denoiser_runner.py) owns the
+denoiser; it reads the context runner's pool and slot table (one process) or its own mirror of them,
+kept current with `apply_delta`. The in-process executor calls both directly; the Ray layer wraps each in its own actor.
 """
 
 from __future__ import annotations
@@ -22,17 +22,16 @@ import torch
 from torch import Tensor
 
 from twotower.decoding.sampler import RowSampling, sample
-from twotower.decoding.unmask import x0_predict
 from twotower.towers.context import ContextTower
-from twotower.towers.denoiser import DenoiserTower
-from twotower.towers.pool import StatePool, apply_slot_delta, export_slot_delta
+from twotower.towers.pool import StatePool, export_slot_delta, prefix_entry_bytes, seat_prefix, snapshot_block
 from twotower.towers.state import BlockInputs, MambaState
 
+from .prefix_cache import CacheStats, PrefixCache
 from .request import Scores
 from .slots import PREFILL_CHUNK, PoolLimits, SlotTable
 from .steps import StepRunner, batch_bucket, batch_buckets, window_bucket
 
-__all__ = ["ContextRunner", "DenoiserRunner", "PoolLimits", "Sampled", "SlotTable"]
+__all__ = ["ContextRunner", "PoolLimits", "Sampled", "SlotTable"]
 
 @dataclass
 class Sampled:
@@ -81,6 +80,9 @@ class ContextRunner:
         self.mirrored: set[str] = set()
         self._verify: dict[str, tuple[list[int], list[int], Tensor, tuple[Tensor, ...]]] = {}
         self.times = OpTimes()
+        cc = self.limits.prefix_cache
+        self.cache = None if cc is None else PrefixCache(cc.grid, cc.budget, prefix_entry_bytes(
+            tower.cfg, cc.grid, tower.lm_head.weight.dtype))  # fmt: skip
         self._define_steps()
 
     # ---- the step functions: static shapes, no host reads (compiled per key by self.steps) -----------
@@ -157,17 +159,40 @@ class ContextRunner:
         self.table.lanes.setdefault(lane, []).extend(new)
         if mirror:
             self.mirrored.add(lane)
-        if lane in self.mirrored:
+        if lane in self.mirrored:  # a mirror's first delta starts at 0, so it carries a seated prefix too
             self.synced.update({s: 0 for s in new})
             self.dirty.update(new)
-        logits = self._prefill(new, prompts) if any(prompts) else None
+        rest = [p[self._seat(s, p) :] for s, p in zip(new, prompts, strict=True)]
+        logits = self._prefill(new, rest) if any(rest) else None
         self.times.record("add_rows", t0)
         if sampling is not None and logits is None:
             raise ValueError("add_rows: sampling needs non-empty prompts")
         return None if logits is None else _sample(logits, sampling)
 
+    def _seat(self, slot: int, prompt: list[int]) -> int:
+        """Seat a fresh slot from the prefix cache's longest match of `prompt`; returns the tokens seated."""
+        if self.cache is None:
+            return 0
+        found = self.cache.match(prompt)
+        n = len(found) * self.cache.grid
+        if found:
+            seat_prefix(self.pool, slot, [e.payload for e in found], n)
+            self.table.length[slot] = n
+        self.cache.open(slot, found)
+        return n
+
+    def _read(self, slot: int, tokens: list[int]) -> None:
+        """Tell the prefix cache what a slot just read (it snapshots when that ends on its grid)."""
+        if self.cache is not None:
+            self.cache.read(slot, tokens, self.table.length[slot],
+                            lambda a, b: snapshot_block(self.pool, slot, a, b))  # fmt: skip
+
+    def cache_stats(self) -> CacheStats | None:
+        return None if self.cache is None else self.cache.snapshot_stats()
+
     def _prefill(self, slots: list[int], prompts: list[list[int]]) -> Tensor:
-        """Read prompts into fresh slots in chunks of PREFILL_CHUNK tokens; logits at each last token."""
+        """Read prompts into slots (fresh, or seated at a multiple of PREFILL_CHUNK) in chunks of
+        PREFILL_CHUNK tokens, so every chunk ends on the chunk grid; logits at each last token."""
         b, P = len(slots), PREFILL_CHUNK
         B = batch_bucket(b, self.limits.slots)
         slot_t = self.table.padded(slots, B, self.device)
@@ -184,7 +209,12 @@ class ContextRunner:
             ends = ((lens > c * P) & (lens <= (c + 1) * P)).nonzero().flatten()
             out[ends.to(self.device)] = logits[ends.to(self.device)]
             for r, s in enumerate(slots):
-                self.table.length[s] += int(n_valid[r])
+                n = int(n_valid[r])
+                self.table.length[s] += n
+                if n:
+                    self._read(s, prompts[r][c * P : c * P + n])
+        if self.cache is not None:
+            self.cache.stats.prefill_tokens += int(lens.sum())
         return out
 
     def keep_rows(self, lane: str, rows: list[int]) -> None:
@@ -196,6 +226,8 @@ class ContextRunner:
         for s in gone:
             self.synced.pop(s, None)
             self.dirty.discard(s)
+            if self.cache is not None:
+                self.cache.close(s)
 
     @torch.no_grad()
     def decode(self, lane: str, ids: Tensor, sampling: RowSampling | None) -> Sampled | None:
@@ -206,8 +238,9 @@ class ContextRunner:
         window = self.table.window(slots, self.limits)
         logits = self._step(("decode", B, window), _pad(ids.long(), B).to(self.device),
                             self.table.padded(slots, B, self.device), window)[: len(slots)]  # fmt: skip
-        for s in slots:
+        for s, t in zip(slots, ids.tolist(), strict=True):
             self.table.length[s] += 1
+            self._read(s, [t])
         self._changed(slots)
         self.times.record("decode", t0)
         return _sample(logits, sampling)
@@ -220,8 +253,10 @@ class ContextRunner:
         out = self._step((kind, B, window, ids.shape[1]), _pad(ids.long(), B).to(self.device),
                          self.table.padded(slots, B, self.device), _pad(n_valid, B).to(self.device), window)
         base = [self.table.length[s] for s in slots]
-        for s, n in zip(slots, n_valid.tolist(), strict=True):
+        for r, (s, n) in enumerate(zip(slots, n_valid.tolist(), strict=True)):
             self.table.length[s] += n
+            if kind == "extend" and n:  # verify's tokens are read in rewind, once it is known how many stay
+                self._read(s, ids[r, :n].tolist())
         self._changed([s for s, n in zip(slots, n_valid.tolist(), strict=True) if n > 0])
         return slots, base, out
 
@@ -237,7 +272,7 @@ class ContextRunner:
         slots, base, (greedy, traces) = self._block("verify", lane, ids, n_valid)
         if self.steps.capture:  # a captured graph's outputs are overwritten by its next replay
             traces = tuple(t.clone() for t in traces)
-        self._verify[lane] = (slots, base, n_valid, traces)
+        self._verify[lane] = (slots, base, n_valid, traces, ids)
         self.times.record("verify", t0)
         return greedy[: len(slots)].cpu()
 
@@ -245,7 +280,7 @@ class ContextRunner:
     def rewind(self, lane: str, keep: Tensor) -> None:
         """After verify: row r keeps the first keep[r] tokens of the block. KV by length; the Mamba
         states, which verify left where they were, advance by keep[r] tokens of the recorded inputs."""
-        slots, base, n_valid, traces = self._verify.pop(lane)
+        slots, base, n_valid, traces, ids = self._verify.pop(lane)
         B = traces[0].shape[0] if traces else batch_bucket(len(slots), self.limits.slots)
         slot_t = self.table.padded(slots, B, self.device)
         keep_d = _pad(keep.long(), B).to(self.device)
@@ -253,8 +288,10 @@ class ContextRunner:
             self._step(("rewind", B, traces[1].shape[1]), slot_t, keep_d, *traces)
         real = torch.tensor(slots, dtype=torch.long, device=self.device)
         self.pool.lengths[real] = torch.tensor(base, device=self.device) + keep_d[: len(slots)]
-        for s, n0, k in zip(slots, base, keep.tolist(), strict=True):
+        for r, (s, n0, k) in enumerate(zip(slots, base, keep.tolist(), strict=True)):
             self.table.length[s] = n0 + k
+            if k:
+                self._read(s, ids[r, :k].tolist())
         self._changed([s for s, n in zip(slots, n_valid.tolist(), strict=True) if n > 0])
 
     def take_delta(self, lane: str) -> dict[str, Tensor]:
@@ -299,104 +336,3 @@ class ContextRunner:
             out.prompt_top = None if tops is None else [None, *tops[:n_prompt]]
         self.times.record("score", t0)
         return out
-
-
-class DenoiserRunner:
-    def __init__(self, tower: DenoiserTower, context: ContextRunner | None = None, limits: PoolLimits | None = None,
-                 compile: bool | str = False) -> None:  # fmt: skip
-        """context: the context runner of this process, whose pool and slot table are read directly;
-        None: a mirror pool of our own, kept current with apply_delta."""
-        self.tower = tower
-        self.device = tower.lm_head.weight.device
-        if context is not None:
-            self.limits, self.pool, self.table = context.limits, context.pool, context.table
-        else:
-            self.limits = limits or PoolLimits()
-            self.pool = StatePool.allocate(tower.cfg, self.limits.slots, self.limits.capacity, self.device,
-                                           tower.lm_head.weight.dtype)  # fmt: skip
-            self.table = SlotTable(self.limits.slots)
-        self.steps = StepRunner(compile, self.device)
-        self.times = OpTimes()
-        pool = self.pool
-
-        def denoise(xt, t, slots, window):  # -> x0 logits [b, S, V]
-            return tower.denoise_slots(xt, t, pool, slots, window)
-
-        def mock_ar(ids, slots, window):  # -> next-token logits [b, V]
-            return tower.mock_ar_slots(ids, pool, slots, window)
-
-        self._fns = {"denoise": denoise, "mock_ar": mock_ar}
-
-    def _scratch(self, kind: str, B: int, window: int, S: int | None = None) -> tuple:
-        d = self.device
-        slots = torch.full((B,), self.table.scratch, dtype=torch.long, device=d)
-        if kind == "mock_ar":
-            return torch.zeros(B, dtype=torch.long, device=d), slots, window
-        return torch.zeros(B, S, dtype=torch.long, device=d), torch.ones(B, device=d), slots, window
-
-    def warmup_plan(self, block_sizes: list[int]):
-        """(key, step, scratch args) of the start-up step set: every batch bucket at the smallest window;
-        mock-AR, and denoise at each block size."""
-        window = window_bucket(0, self.limits.capacity, self.limits.min_window)
-        for B in batch_buckets(self.limits.slots):
-            keys = [("mock_ar", B, window)] + [("denoise", B, window, S) for S in block_sizes
-                                                if S <= self.limits.max_block_size]  # fmt: skip
-            for key in keys:
-                yield key, self._fns[key[0]], (lambda key=key: self._scratch(*key))
-
-    def _run(self, kind: str, lane: str, first: Tensor, *rest: Tensor):
-        slots = self.table.lanes[lane]
-        B = batch_bucket(len(slots), self.limits.slots)
-        window = self.table.window(slots, self.limits)
-        key = (kind, B, window, *first.shape[1:])
-        args = [_pad(first, B).to(self.device), *(_pad(t, B, 1.0).to(self.device) for t in rest)]
-        out = self.steps.run(key, self._fns[kind], *args, self.table.padded(slots, B, self.device), window,
-                             scratch=lambda: self._scratch(*key))  # fmt: skip
-        return out[: len(slots)]
-
-    @torch.no_grad()
-    def denoise(self, lane: str, xt: Tensor, t: Tensor, mask_id: int, temperature: Tensor,
-                seeds: list[int]) -> tuple[Tensor, Tensor]:  # fmt: skip
-        t0 = time.perf_counter()
-        logits = self._run("denoise", lane, xt.long(), t.float())
-        pred, conf = x0_predict(logits, mask_id, temperature, seeds)
-        self.times.record("denoise", t0)
-        return pred.cpu(), conf.cpu()
-
-    @torch.no_grad()
-    def mock_ar(self, lane: str, ids: Tensor, sampling: RowSampling) -> Sampled:
-        t0 = time.perf_counter()
-        out = _sample(self._run("mock_ar", lane, ids.long()), sampling)
-        self.times.record("mock_ar", t0)
-        return out
-
-    # ---- mirror maintenance (only with a pool of our own) -------------------------------------------
-    def apply_delta(self, lane: str, delta: dict[str, Tensor]) -> int:
-        """Apply a delta of the context runner's take_delta; the lane's slots become the delta's.
-        Returns the bytes received."""
-        t0 = time.perf_counter()
-        apply_slot_delta(self.pool, delta)
-        slots = delta["slots"].tolist()
-        self.table.lanes[lane] = slots
-        for s, n in zip(slots, delta["lengths"].tolist(), strict=True):
-            self.table.length[s] = n
-        self.times.record("apply_delta", t0)
-        return sum(t.numel() * t.element_size() for t in delta.values())
-
-    def keep_rows(self, lane: str, rows: list[int]) -> None:
-        """Forget the dropped rows' slots: length 0 here too, so that the next owner's first delta
-        (since 0) applies."""
-        old = self.table.lanes.get(lane)
-        if old is None:
-            return
-        kept = [old[i] for i in rows if i < len(old)]
-        gone = sorted(set(old) - set(kept))
-        if gone:
-            self.pool.lengths[torch.tensor(gone, dtype=torch.long, device=self.device)] = 0
-            for s in gone:
-                self.table.length[s] = 0
-        self.table.lanes[lane] = kept
-
-    def close_lane(self, lane: str) -> None:
-        self.keep_rows(lane, [])
-        self.table.lanes.pop(lane, None)

@@ -11,19 +11,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .config import PREFILL_CHUNK, PrefixCacheConfig
 from .steps import MIN_WINDOW, window_bucket
 
-PREFILL_CHUNK = 64  # prompt tokens per row per prefill step (one static shape for any prompt length)
+__all__ = ["PREFILL_CHUNK", "PoolLimits", "SlotTable"]
 
 
 @dataclass
 class PoolLimits:
-    """What a pool is sized for (from EngineConfig)."""
+    """What a tower's state memory is sized for (from EngineConfig): its pool, and for the context tower
+    the prefix cache (None: off)."""
 
     slots: int = 32  # sequences at once (max_num_seqs)
     max_model_len: int = 4096
     max_block_size: int = 64
     min_window: int = MIN_WINDOW  # smallest attention window bucket (steps.window_bucket)
+    prefix_cache: PrefixCacheConfig | None = None
 
     @property
     def capacity(self) -> int:
