@@ -146,7 +146,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoReply(_message.Message):
-    __slots__ = ("model", "path", "modes", "vocab_size", "max_model_len", "max_block_size", "pattern", "hidden_size", "defaults", "mask_token_id", "eos_token_ids")
+    __slots__ = ("model", "path", "modes", "vocab_size", "max_model_len", "max_block_size", "pattern", "hidden_size", "defaults", "mask_token_id", "eos_token_ids", "prefix_cache")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     MODES_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +158,7 @@ class ModelInfoReply(_message.Message):
     DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     MASK_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     model: str
     path: str
     modes: _containers.RepeatedScalarFieldContainer[Mode]
@@ -169,4 +170,15 @@ class ModelInfoReply(_message.Message):
     defaults: SamplingParams
     mask_token_id: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., modes: _Optional[_Iterable[_Union[Mode, str]]] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_block_size: _Optional[int] = ..., pattern: _Optional[str] = ..., hidden_size: _Optional[int] = ..., defaults: _Optional[_Union[SamplingParams, _Mapping]] = ..., mask_token_id: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    prefix_cache: PrefixCacheInfo
+    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ..., modes: _Optional[_Iterable[_Union[Mode, str]]] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_block_size: _Optional[int] = ..., pattern: _Optional[str] = ..., hidden_size: _Optional[int] = ..., defaults: _Optional[_Union[SamplingParams, _Mapping]] = ..., mask_token_id: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., prefix_cache: _Optional[_Union[PrefixCacheInfo, _Mapping]] = ...) -> None: ...
+
+class PrefixCacheInfo(_message.Message):
+    __slots__ = ("enabled", "grid", "budget_bytes")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    GRID_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    grid: int
+    budget_bytes: int
+    def __init__(self, enabled: _Optional[bool] = ..., grid: _Optional[int] = ..., budget_bytes: _Optional[int] = ...) -> None: ...

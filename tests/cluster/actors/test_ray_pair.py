@@ -130,3 +130,62 @@ def test_killing_an_actor_fails_requests_quickly(ray_local, model_dir):
     with pytest.raises(TowerPairError):
         pair.check_health(timeout_s=5)
     pair.shutdown()
+
+
+# ---- the prefix cache through the pair: the denoiser's mirror gets a seated prefix in the first delta -----
+G = 64
+
+
+@pytest.fixture(scope="module")
+def cached(ray_local, tmp_path_factory):
+    """A pair over long-memory random towers (their states matter) with a 64-token cache grid."""
+    from tests.cluster.engine.test_prefix_cache import Towers
+
+    tw = Towers()
+    path = tmp_path_factory.mktemp("ckpt") / "long-memory"
+    save_twotower(path, tw.ctx, tw.sharp)
+    cfg = EngineConfig(eager=True, max_num_seqs=8, max_model_len=512, prefix_cache_grid=G)
+    p = TowerPair(str(path), PairConfig(replica_cpus=0.1), cfg, ready_timeout_s=60)
+    yield p, tw
+    p.shutdown()
+
+
+def test_pair_with_prefix_cache_equals_cache_off_in_process(cached):
+    from tests.cluster.engine.test_engine import EOS, MASK
+    from tests.cluster.engine.test_prefix_cache import SPECS, run, workload
+    from twotower.cluster.engine.slots import PoolLimits
+
+    pair, tw = cached
+    kw = dict(mask_token_id=MASK, eos_token_ids=(EOS,), max_num_seqs=8)
+    load = workload()
+    for mode, spec in SPECS.items():
+        params = SamplingParams(max_tokens=G + 8, ignore_eos=True, **spec)
+        local = Engine(InProcessExecutor(tw.ctx, tw.sharp, PoolLimits(8, 512, 16)), LIMITS, **kw)
+        ex = RayExecutor(pair)
+        before = ex.prefix_cache_stats().result().hit_tokens
+        assert run(Engine(ex, LIMITS, **kw), load, params) == run(local, load, params), mode
+        assert ex.prefix_cache_stats().result().hit_tokens - before >= 6 * G, mode
+
+
+def test_a_seated_prefix_reaches_the_mirror_once_in_the_first_delta(cached):
+    """The second lane's prompt is seated from 2 cached blocks, yet its first delta is exactly the size of
+    the first lane's: the whole prefix's K/V rows once, plus the Mamba states; nothing more follows."""
+    pair, _ = cached
+    cfg = preset("tiny").replace(vocab_size=260)
+    ex = RayExecutor(pair)
+    prompt = torch.randint(4, 260, (2 * G + 5,), generator=torch.Generator().manual_seed(11)).tolist()
+    hits0 = ex.prefix_cache_stats().result().hit_tokens
+    sizes = []
+    for lane in ("owner", "seated"):
+        before = ex.delta_bytes
+        ex.add_rows(lane, [prompt], None, uses_denoiser=True).result()
+        ex.drain()
+        sizes.append(ex.delta_bytes - before)
+    assert ex.prefix_cache_stats().result().hit_tokens - hits0 == 2 * G
+    n_attn, n_mamba = cfg.pattern.count("*"), cfg.pattern.count("M")
+    kv_row = 2 * cfg.num_key_value_heads * cfg.head_dim * 4
+    mamba_row = cfg.conv_dim * cfg.conv_kernel * 4 + cfg.mamba_num_heads * cfg.mamba_head_dim * cfg.ssm_state_size * 4
+    assert sizes == [len(prompt) * n_attn * kv_row + n_mamba * mamba_row + 8 * 4] * 2
+    for lane in ("owner", "seated"):
+        ex.close_lane(lane)
+    ex.drain()

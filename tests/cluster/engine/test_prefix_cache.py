@@ -116,6 +116,21 @@ def test_cache_on_is_token_identical_to_off(tw, mode):
     assert stats.queries == len(load)
 
 
+
+@pytest.mark.parametrize("mode", ["ar", "lossless"])
+def test_a_burst_behind_one_prefix_reads_it_once(tw, mode):
+    """Four prompts with the same 2-block prefix admitted in one step: the first reads it, the other three
+    are seated from its fresh entries in a second pass and read only their own tails."""
+    rng = random.Random(4)
+    head = toks(rng, 2 * G)
+    load = [(0, head + toks(rng, n)) for n in (5, 17, 40, 1)]
+    params = P(max_tokens=12, **SPECS[mode])
+    eng = engine(tw, mode, PrefixCacheConfig(G, 1 << 26))
+    assert run(eng, load, params) == run(engine(tw, mode, None), load, params)
+    stats = eng.ex.prefix_cache_stats().result()
+    assert stats.hit_tokens == 3 * 2 * G, stats
+    assert stats.prefill_tokens == len(load[0][1]) + 17 + 40 + 1, stats
+
 def _check_budget_and_pins(eng: Engine) -> None:
     cache = eng.ex.ctx.cache
     assert cache.bytes_used <= cache.budget

@@ -22,6 +22,7 @@ from twotower.cluster.ingress.api_types import (
     GenerateRequest,
     InvalidRequest,
     ModelInfo,
+    PrefixCacheInfo,
     ScoreRequest,
     ScoreResult,
 )
@@ -75,7 +76,8 @@ class FakeServer:
             raise ConnectionError("no tower pair ready")
         defaults = {f.name: getattr(SamplingParams(), f.name) for f in dataclasses.fields(SamplingParams)}
         return ModelInfo("tiny", "/ckpt/tiny", list(LIMITS.modes), LIMITS.vocab_size, LIMITS.max_model_len,
-                         LIMITS.max_block_size, "M*-", 32, defaults, 99, [0])  # fmt: skip
+                         LIMITS.max_block_size, "M*-", 32, defaults, 99, [0],
+                         PrefixCacheInfo(True, 256, 1 << 30))  # fmt: skip
 
     async def health(self) -> bool:
         return self.healthy
@@ -235,6 +237,8 @@ def test_model_info_and_score(served):
     d = info.defaults
     assert (d.mode, d.block_size, d.gamma, d.max_tokens) == (pb2.MODE_DIFFUSION, 16, 0.8, 128)
     assert d.HasField("temperature") and not d.HasField("seed")  # seed defaults to None: absent
+    c = info.prefix_cache
+    assert (c.enabled, c.grid, c.budget_bytes) == (True, 256, 1 << 30)
 
     reply = stub(served).Score(pb2.ScoreRequest(prompt_text="ab", continuation_token_ids=pb2.TokenIds(ids=[4, 5])))
     assert list(reply.token_ids) == [4, 5] and list(reply.logprobs) == [-1.0, -1.0]

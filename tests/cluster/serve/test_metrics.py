@@ -51,7 +51,8 @@ def test_every_dashboard_query_names_a_metric_that_exists():
     # what operators watch (issue list): latency, throughput, efficiency, load, state traffic, errors, replicas
     must = ["time_to_first_token_s", "inter_block_latency_s", "generated_tokens_total", "tokens_per_denoiser_forward",
             "tokens_per_context_forward", "denoise_steps_per_block", "queue_depth", "active_requests",
-            "state_bytes_per_block", "state_transfer_ms", "errors_total"]  # fmt: skip
+            "state_bytes_per_block", "state_transfer_ms", "errors_total", "prefix_cache_hit_tokens_total",
+            "prefix_cache_prefill_tokens_total", "prefix_cache_bytes_used"]  # fmt: skip
     missing = [m for m in must if SCRAPED_PREFIX + "twotower_" + m not in seen]
     assert not missing and "ray_serve_deployment_replica_healthy" in seen, missing
 
@@ -76,3 +77,26 @@ def test_merge_keeps_one_header_per_family_and_only_ours():
     assert out[i + 1 : i + 3] == ['ray_twotower_queue_depth{NodeAddress="a"} 1.0',
                                   'ray_twotower_queue_depth{NodeAddress="b"} 4.0']  # fmt: skip
     assert "ray_twotower_request_latency_s_count 2" in out and "ray_serve_x_total 1" in out
+
+
+def test_prefix_cache_metrics_advance_counters_by_what_changed(monkeypatch):
+    """The engine's cache counters are cumulative; Ray counters take increments (and no zero ones)."""
+    from twotower.cluster.engine.prefix_cache import CacheStats
+    from twotower.cluster.serve import metrics
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list = []
+
+        def inc(self, value, tags) -> None:
+            self.calls.append(value)
+
+        set = inc
+
+    monkeypatch.setattr(metrics, "make", lambda name: Recorder())
+    pm = metrics.PrefixCacheMetrics({"model": "m"})
+    pm.update(CacheStats(queries=3, hit_tokens=512, prefill_tokens=40, bytes_used=100, budget=1000))
+    pm.update(CacheStats(queries=5, hit_tokens=512, prefill_tokens=72, evictions=1, bytes_used=90, budget=1000))
+    got = {f: c.calls for f, c in pm.counters.items()}
+    assert got == {"queries": [3, 2], "hit_tokens": [512], "prefill_tokens": [40, 32], "evictions": [1]}
+    assert pm.used.calls == [100, 90] and pm.budget.calls == [1000, 1000]

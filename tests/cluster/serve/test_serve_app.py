@@ -133,6 +133,8 @@ def test_health_reflection_model_info_and_invalid_requests(cluster):
     stub = pb_grpc.TwoTowerStub(ch)
     info = stub.ModelInfo(pb.ModelInfoRequest(), metadata=MD, timeout=30)
     assert info.vocab_size == 260 and pb.MODE_DIFFUSION in info.modes and info.max_model_len == 512
+    cache = info.prefix_cache  # the EngineConfig defaults: on, 256-token grid, 1 GiB
+    assert (cache.enabled, cache.grid, cache.budget_bytes) == (True, 256, 1 << 30)
     bad = pb.GenerateRequest(prompt_text="x", sampling=pb.SamplingParams(block_size=0))
     with pytest.raises(grpc.RpcError) as e:
         list(stub.Generate(bad, metadata=MD, timeout=30))

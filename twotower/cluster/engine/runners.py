@@ -162,12 +162,38 @@ class ContextRunner:
         if lane in self.mirrored:  # a mirror's first delta starts at 0, so it carries a seated prefix too
             self.synced.update({s: 0 for s in new})
             self.dirty.update(new)
-        rest = [p[self._seat(s, p) :] for s, p in zip(new, prompts, strict=True)]
-        logits = self._prefill(new, rest) if any(rest) else None
+        logits = self._read_prompts(new, prompts)
         self.times.record("add_rows", t0)
         if sampling is not None and logits is None:
             raise ValueError("add_rows: sampling needs non-empty prompts")
         return None if logits is None else _sample(logits, sampling)
+
+    def _read_prompts(self, slots: list[int], prompts: list[list[int]]) -> Tensor | None:
+        """Seat each fresh slot from the prefix cache and prefill the rest; logits at each last token
+        (None when no prompt has a token). Prompts whose first grid block an earlier prompt of this call
+        shares go in a second pass, seated from what the first pass just cached instead of reading the
+        same prefix again (a burst of requests behind one system prompt pays for it once)."""
+        out, passes = None, self._shared_later(prompts)
+        for rows in passes:
+            rest = [prompts[r][self._seat(slots[r], prompts[r]) :] for r in rows]
+            if not any(rest):
+                continue
+            logits = self._prefill([slots[r] for r in rows], rest)
+            if out is None:
+                out = torch.zeros(len(slots), logits.shape[1], device=self.device)
+            out[torch.tensor(rows, device=self.device)] = logits
+        return out
+
+    def _shared_later(self, prompts: list[list[int]]) -> list[list[int]]:
+        """Row indices in two passes: first those whose first grid block no earlier row has, then the rest."""
+        if self.cache is None:
+            return [list(range(len(prompts)))]
+        G, seen, passes = self.cache.grid, set(), ([], [])
+        for r, p in enumerate(prompts):
+            head = tuple(p[:G]) if len(p) > G else None
+            passes[head is not None and head in seen].append(r)
+            seen.add(head)
+        return [rows for rows in passes if rows]
 
     def _seat(self, slot: int, prompt: list[int]) -> int:
         """Seat a fresh slot from the prefix cache's longest match of `prompt`; returns the tokens seated."""

@@ -101,6 +101,13 @@ class ScoreResult:
 
 
 @dataclass
+class PrefixCacheInfo:
+    enabled: bool
+    grid: int  # tokens per grid block
+    budget_bytes: int
+
+
+@dataclass
 class ModelInfo:
     model: str  # served model name
     path: str  # checkpoint location
@@ -113,6 +120,7 @@ class ModelInfo:
     defaults: dict[str, Any]  # default SamplingParams values (mode, block_size, gamma, ...)
     mask_token_id: int
     eos_token_ids: list[int]
+    prefix_cache: PrefixCacheInfo | None = None
 
 
 class InvalidRequest(ValueError):

@@ -24,6 +24,7 @@ from .api_types import (
     GenerateRequest,
     InvalidRequest,
     ModelInfo,
+    PrefixCacheInfo,
     ScoreRequest,
     ScoreResult,
 )
@@ -178,4 +179,9 @@ def model_info_reply(info: ModelInfo) -> pb2.ModelInfoReply:
                               max_model_len=info.max_model_len, max_block_size=info.max_block_size,
                               pattern=info.pattern, hidden_size=info.hidden_size,
                               defaults=sampling_to_proto(info.defaults), mask_token_id=info.mask_token_id,
-                              eos_token_ids=info.eos_token_ids)  # fmt: skip
+                              eos_token_ids=info.eos_token_ids,
+                              prefix_cache=_prefix_cache(info.prefix_cache))  # fmt: skip
+
+
+def _prefix_cache(c: PrefixCacheInfo | None) -> pb2.PrefixCacheInfo | None:
+    return None if c is None else pb2.PrefixCacheInfo(enabled=c.enabled, grid=c.grid, budget_bytes=c.budget_bytes)

@@ -34,8 +34,17 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "twotower_active_requests": ("gauge", "requests being decoded", ("model",)),
     "twotower_errors_total": ("counter", "errors answered, by API and status code", ("api", "code")),
     "twotower_migrations_total": ("counter", "streams moved to another tower pair after theirs died", ("model",)),
+    "twotower_prefix_cache_queries_total": ("counter", "prompts looked up in the prefix cache", ("model",)),
+    "twotower_prefix_cache_hit_tokens_total": ("counter", "prompt tokens seated from the prefix cache", ("model",)),
+    "twotower_prefix_cache_prefill_tokens_total": ("counter", "prompt tokens the context tower read (hits excluded)",
+                                                   ("model",)),  # fmt: skip
+    "twotower_prefix_cache_evictions_total": ("counter", "prefix-cache entries evicted", ("model",)),
+    "twotower_prefix_cache_bytes_used": ("gauge", "bytes the prefix cache's entries take", ("model",)),
+    "twotower_prefix_cache_budget_bytes": ("gauge", "the prefix cache's memory budget", ("model",)),
 }
-EVENT_ONLY = {"twotower_migrations_total"}  # exported from the first event on (Ray has no zero counter)
+# exported from the first event on (Ray has no zero counter)
+EVENT_ONLY = {"twotower_migrations_total", "twotower_prefix_cache_hit_tokens_total",
+              "twotower_prefix_cache_evictions_total"}  # fmt: skip
 _BUCKETS = {"twotower_tokens_per_forward": _TPF, "twotower_tokens_per_denoiser_forward": _TPF,
             "twotower_tokens_per_context_forward": [1, 2, 4, 8, 12, 16, 24, 32, 48, 64],
             "twotower_denoise_steps_per_block": [1, 2, 3, 4, 6, 8, 12, 16, 32],
@@ -80,6 +89,30 @@ def count_errors() -> None:
         errors.ERROR_HOOKS.append(ErrorCounter())
 
 
+class PrefixCacheMetrics:
+    """The context tower's prefix-cache counters (engine CacheStats, cumulative) as Ray metrics: counters
+    advance by what changed since the last update."""
+
+    FIELDS = {"queries": "twotower_prefix_cache_queries_total", "hit_tokens": "twotower_prefix_cache_hit_tokens_total",
+              "prefill_tokens": "twotower_prefix_cache_prefill_tokens_total",
+              "evictions": "twotower_prefix_cache_evictions_total"}  # fmt: skip
+
+    def __init__(self, tags: dict) -> None:
+        self.tags = tags
+        self.counters = {f: make(n) for f, n in self.FIELDS.items()}
+        self.used, self.budget = make("twotower_prefix_cache_bytes_used"), make("twotower_prefix_cache_budget_bytes")
+        self.last: dict[str, int] = dict.fromkeys(self.FIELDS, 0)
+
+    def update(self, stats) -> None:
+        for f, counter in self.counters.items():
+            now = getattr(stats, f)
+            if now > self.last[f]:
+                counter.inc(now - self.last[f], self.tags)
+            self.last[f] = max(now, self.last[f])
+        self.used.set(stats.bytes_used, self.tags)
+        self.budget.set(stats.budget, self.tags)
+
+
 class ServeMetrics:
     def __init__(self, model: str) -> None:
         self.tags = {"model": model}
@@ -97,6 +130,7 @@ class ServeMetrics:
         self.tokens_per_s = make("twotower_tokens_per_s")
         self.queue = make("twotower_queue_depth")
         self.active = make("twotower_active_requests")
+        self.prefix_cache = PrefixCacheMetrics(self.tags)
 
     def on_step(self, stats) -> None:
         self.queue.set(stats.waiting, self.tags)

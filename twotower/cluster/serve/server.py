@@ -22,6 +22,7 @@ from twotower.cluster.ingress.api_types import (
     GenerateRequest,
     InvalidRequest,
     ModelInfo,
+    PrefixCacheInfo,
     ScoreRequest,
     ScoreResult,
 )
@@ -62,6 +63,7 @@ class TowerPairServer:
         async def tick() -> None:
             while True:
                 self.engine.engine.report_idle()  # the counts between steps; 0 tokens/s when idle
+                await self._refresh_prefix_cache_metrics()
                 await asyncio.sleep(GAUGE_REFRESH_S)
 
         self._ticker = asyncio.get_running_loop().create_task(tick())
@@ -87,6 +89,17 @@ class TowerPairServer:
         except Exception as e:  # outside a Ray worker the metrics API is unavailable
             log.warning("metrics disabled: %s", e)
             return None
+
+    async def _refresh_prefix_cache_metrics(self) -> None:
+        """The cache's counters live with the context tower (an actor, in a pair): read them every tick,
+        off the event loop, rather than once per engine step."""
+        try:
+            stats = await asyncio.to_thread(lambda: self.executor.prefix_cache_stats().result())
+        except Exception as e:  # a dying pair: the engine reports that; the metrics just skip a tick
+            log.debug("prefix cache stats unavailable: %s", e)
+            return
+        if stats is not None:
+            self.metrics.prefix_cache.update(stats)
 
     def _on_step(self, stats) -> None:
         self.metrics.on_step(stats)
@@ -229,13 +242,14 @@ class TowerPairServer:
                 "model_max_length": self.limits.max_model_len, "vocab_size": self.limits.vocab_size}  # fmt: skip
 
     async def model_info(self) -> ModelInfo:
-        c = self.model_cfg
+        c, e = self.model_cfg, self.cfg.engine
         d = self._params(GenerateRequest("info"))
         defaults = {k: getattr(d, k) for k in ("mode", "max_tokens", "temperature", "block_size", "steps_per_block",
                                                "gamma", "top_k", "top_p")}  # fmt: skip
         return ModelInfo(self.cfg.served_model_name, str(self.path), list(self.limits.modes), c.vocab_size,
                          self.limits.max_model_len, self.limits.max_block_size, c.pattern, c.hidden_size,
-                         defaults, self.engine.engine.mask_id, list(self.eos_ids))  # fmt: skip
+                         defaults, self.engine.engine.mask_id, list(self.eos_ids), PrefixCacheInfo(
+                             e.prefix_cache, e.prefix_cache_grid, e.prefix_cache_bytes))  # fmt: skip
 
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
