@@ -84,18 +84,20 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., request_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., deadline_s: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "denoiser_forwards", "context_forwards", "tokens_per_forward")
+    __slots__ = ("prompt_tokens", "completion_tokens", "denoiser_forwards", "context_forwards", "tokens_per_forward", "cached_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DENOISER_FORWARDS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FORWARDS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_FORWARD_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     denoiser_forwards: int
     context_forwards: int
     tokens_per_forward: float
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., denoiser_forwards: _Optional[int] = ..., context_forwards: _Optional[int] = ..., tokens_per_forward: _Optional[float] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., denoiser_forwards: _Optional[int] = ..., context_forwards: _Optional[int] = ..., tokens_per_forward: _Optional[float] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "finished", "finish_reason", "usage", "logprobs", "seed")

@@ -91,8 +91,11 @@ def test_flags_override_the_config_file(tmp_path):
     parser = __import__("argparse").ArgumentParser()
     serving.add_serve_args(parser)
     a = parser.parse_args(["--config", str(cfg_file), "--grpc-port", "9100", "--max-model-len", "1024", "--eager",
-                           "--served-model-name", "tiny", "--host", "0.0.0.0"])  # fmt: skip
+                           "--served-model-name", "tiny", "--host", "0.0.0.0",
+                           "--prefix-cache-bytes", "4096"])  # fmt: skip
     cfg = serving.serve_config(a)
+    assert (cfg.engine.prefix_cache, cfg.engine.prefix_cache_bytes) == (True, 4096)
+    assert not serving.serve_config(parser.parse_args(["--no-prefix-cache"])).engine.prefix_cache
     assert (cfg.http_port, cfg.grpc_port, cfg.host, cfg.served_model_name) == (8001, 9100, "0.0.0.0", "tiny")
     assert (cfg.engine.max_model_len, cfg.engine.max_num_seqs, cfg.engine.eager) == (1024, 8, True)
     assert cfg.model.endswith("twotower-tiny")  # the bundled model, as an absolute path every node can read

@@ -130,6 +130,8 @@ def test_a_burst_behind_one_prefix_reads_it_once(tw, mode):
     stats = eng.ex.prefix_cache_stats().result()
     assert stats.hit_tokens == 3 * 2 * G, stats
     assert stats.prefill_tokens == len(load[0][1]) + 17 + 40 + 1, stats
+    again = eng.generate([p for _, p in load], params)  # all four are cached now; each request reports it
+    assert [r.usage.cached_tokens for r in again] == [2 * G] * 4
 
 def _check_budget_and_pins(eng: Engine) -> None:
     cache = eng.ex.ctx.cache

@@ -160,7 +160,8 @@ def test_completion_json_and_conversion():
     assert isinstance(body["created"], int)
     assert body["choices"] == [{"index": 0, "text": "Hello!", "logprobs": None, "finish_reason": "length", "seed": 7}]
     twotower = {"denoiser_forwards": 6, "context_forwards": 3, "tokens_per_forward": 6 / 9}
-    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 6, "total_tokens": 8, "twotower": twotower}
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 6, "total_tokens": 8,
+                             "prompt_tokens_details": {"cached_tokens": 0}, "twotower": twotower}
     (req,) = s.requests
     assert req.request_id == rid and req.prompt == "Hi" and req.prompt_token_ids is None
     assert req.sampling == {"max_tokens": 5, "temperature": 0.0, "top_p": 0.9, "seed": 3, "stop": ["\n"],

@@ -45,6 +45,10 @@ def add_serve_args(s: argparse.ArgumentParser) -> None:
                    f"(default: {d.served_model_name})")  # fmt: skip
     s.add_argument("--eager", action="store_true", help="eager tower steps (engine.eager: true): starts in seconds "
                    "on a CPU; the default compiles each tower's steps first")  # fmt: skip
+    s.add_argument("--no-prefix-cache", action="store_true", help="turn the prefix cache off (engine.prefix_cache: "
+                   "false)")  # fmt: skip
+    s.add_argument("--prefix-cache-bytes", type=int, default=None, help="the prefix cache's memory budget "
+                   f"(default: {d.engine.prefix_cache_bytes})")  # fmt: skip
     s.add_argument("--dashboard-port", type=int, default=8265, help="the local Ray's dashboard (Serve REST API)")
     s.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the app to start (compiled "
                    "steps warm up first)")  # fmt: skip
@@ -60,7 +64,8 @@ def serve_config(a: argparse.Namespace):
     flags = {"host": a.host, "http_port": a.http_port, "grpc_port": a.grpc_port, "metrics_port": a.metrics_port,
              "served_model_name": a.served_model_name, "model": a.model or a.model_arg}  # fmt: skip
     cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})  # validated again
-    engine = {"max_model_len": a.max_model_len, "eager": True if a.eager else None}
+    engine = {"max_model_len": a.max_model_len, "eager": True if a.eager else None,
+              "prefix_cache": False if a.no_prefix_cache else None, "prefix_cache_bytes": a.prefix_cache_bytes}
     engine = {k: v for k, v in engine.items() if v is not None}
     if engine:
         cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, **engine))

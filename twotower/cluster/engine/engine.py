@@ -9,6 +9,7 @@ It drives the towers only through a TowerExecutor, so the same engine runs in-pr
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import random
@@ -357,4 +358,4 @@ class Engine:
 
 
 def _copy(u: Usage) -> Usage:
-    return Usage(u.prompt_tokens, u.completion_tokens, u.denoiser_forwards, u.context_forwards)
+    return dataclasses.replace(u)

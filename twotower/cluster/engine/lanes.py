@@ -78,7 +78,10 @@ class Lane(abc.ABC):
         return self.finish(self.launch())
 
     def _prefill(self, reqs: list[Request], prompts: list[list[int]], sampling: RowSampling | None):
-        return self.ex.add_rows(self.name, prompts, sampling, self.uses_denoiser).result()
+        admitted = self.ex.add_rows(self.name, prompts, sampling, self.uses_denoiser).result()
+        for r, n in zip(reqs, admitted.cached, strict=True):
+            r.usage.cached_tokens = min(n, r.usage.prompt_tokens)  # a resumed sequence counts its prompt only
+        return admitted.sampled
 
     def drop_finished(self) -> list[Request]:
         """Remove finished rows (and their state) at once; returns them."""

@@ -43,6 +43,7 @@ class Usage:
     completion_tokens: int = 0
     denoiser_forwards: int = 0  # batched forwards this request took part in
     context_forwards: int = 0  # prefill counts as one
+    cached_tokens: int = 0  # leading prompt tokens seated from the prefix cache (not read again)
 
     @property
     def tokens_per_forward(self) -> float:

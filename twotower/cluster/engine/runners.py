@@ -31,12 +31,21 @@ from .request import Scores
 from .slots import PREFILL_CHUNK, PoolLimits, SlotTable
 from .steps import StepRunner, batch_bucket, batch_buckets, window_bucket
 
-__all__ = ["ContextRunner", "PoolLimits", "Sampled", "SlotTable"]
+__all__ = ["Admitted", "ContextRunner", "PoolLimits", "Sampled", "SlotTable"]
 
 @dataclass
 class Sampled:
     ids: Tensor  # [b] int64 (cpu)
     logprobs: Tensor | None = None  # [b] float32 under the untempered distribution
+
+
+@dataclass
+class Admitted:
+    """What add_rows did: per new row, the leading tokens seated from the prefix cache, and the first
+    sample (None without sampling)."""
+
+    cached: list[int]
+    sampled: Sampled | None = None
 
 
 @dataclass
@@ -149,7 +158,7 @@ class ContextRunner:
 
     @torch.no_grad()
     def add_rows(self, lane: str, prompts: list[list[int]], sampling: RowSampling | None,
-                 mirror: bool = False) -> Sampled | None:  # fmt: skip
+                 mirror: bool = False) -> Admitted:  # fmt: skip
         t0 = time.perf_counter()
         longest = max((len(p) for p in prompts), default=0)
         self.table.check_room([self.table.scratch], -(-longest // PREFILL_CHUNK) * PREFILL_CHUNK, self.limits)
@@ -162,20 +171,24 @@ class ContextRunner:
         if lane in self.mirrored:  # a mirror's first delta starts at 0, so it carries a seated prefix too
             self.synced.update({s: 0 for s in new})
             self.dirty.update(new)
-        logits = self._read_prompts(new, prompts)
+        cached = [0] * len(new)
+        logits = self._read_prompts(new, prompts, cached)
         self.times.record("add_rows", t0)
         if sampling is not None and logits is None:
             raise ValueError("add_rows: sampling needs non-empty prompts")
-        return None if logits is None else _sample(logits, sampling)
+        return Admitted(cached, None if logits is None else _sample(logits, sampling))
 
-    def _read_prompts(self, slots: list[int], prompts: list[list[int]]) -> Tensor | None:
+    def _read_prompts(self, slots: list[int], prompts: list[list[int]], cached: list[int]) -> Tensor | None:
         """Seat each fresh slot from the prefix cache and prefill the rest; logits at each last token
         (None when no prompt has a token). Prompts whose first grid block an earlier prompt of this call
         shares go in a second pass, seated from what the first pass just cached instead of reading the
-        same prefix again (a burst of requests behind one system prompt pays for it once)."""
+        same prefix again (a burst of requests behind one system prompt pays for it once). cached[r]:
+        set to the tokens row r was seated with."""
         out, passes = None, self._shared_later(prompts)
         for rows in passes:
-            rest = [prompts[r][self._seat(slots[r], prompts[r]) :] for r in rows]
+            for r in rows:
+                cached[r] = self._seat(slots[r], prompts[r])
+            rest = [prompts[r][cached[r] :] for r in rows]
             if not any(rest):
                 continue
             logits = self._prefill([slots[r] for r in rows], rest)

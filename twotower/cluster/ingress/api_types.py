@@ -57,6 +57,7 @@ class GenerateDelta:
     seed: int | None = None
     error: str | None = None  # set with finish_reason "error"
     token_texts: list[str] | None = None  # each token's own text, when logprobs were asked
+    cached_tokens: int = 0  # prompt tokens seated from the prefix cache
 
     @staticmethod
     def from_output(o: RequestOutput) -> GenerateDelta:
@@ -64,7 +65,8 @@ class GenerateDelta:
         return GenerateDelta(o.request_id, list(o.new_token_ids), o.text, o.finished,
                              None if o.finish_reason is None else o.finish_reason.value, u.prompt_tokens,
                              u.completion_tokens, u.denoiser_forwards, u.context_forwards,
-                             None if o.logprobs is None else list(o.logprobs), o.seed)  # fmt: skip
+                             None if o.logprobs is None else list(o.logprobs), o.seed,
+                             cached_tokens=u.cached_tokens)  # fmt: skip
 
     @property
     def tokens_per_forward(self) -> float:

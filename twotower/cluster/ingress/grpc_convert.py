@@ -154,6 +154,7 @@ def chunk_from_delta(d: GenerateDelta) -> pb2.GenerateChunk:
             denoiser_forwards=d.denoiser_forwards,
             context_forwards=d.context_forwards,
             tokens_per_forward=d.tokens_per_forward,
+            cached_tokens=d.cached_tokens,
         ),
         logprobs=d.logprobs or [],
     )

@@ -330,7 +330,9 @@ def usage_obj(finals: list[GenerateDelta]) -> dict:
     c = sum(d.completion_tokens for d in finals)
     den = sum(d.denoiser_forwards for d in finals)
     ctx = sum(d.context_forwards for d in finals)
+    cached = sum(d.cached_tokens for d in finals)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": cached},
             "twotower": {"denoiser_forwards": den, "context_forwards": ctx,
                          "tokens_per_forward": c / (den + ctx) if den + ctx else 0.0}}  # fmt: skip
 

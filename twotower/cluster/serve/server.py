@@ -161,7 +161,8 @@ class TowerPairServer:
             u = out.usage
             yield GenerateDelta(req.request_id, [], "", True, FinishReason.ABORT.value, u.prompt_tokens,
                                 u.completion_tokens, u.denoiser_forwards, u.context_forwards,
-                                error=f"deadline of {deadline - t0:.3g} s exceeded")  # fmt: skip
+                                error=f"deadline of {deadline - t0:.3g} s exceeded",
+                                cached_tokens=u.cached_tokens)  # fmt: skip
         finally:
             await stream.aclose()
 
