@@ -236,6 +236,10 @@ serveConfigV2: what twotower.cluster.serve.deploy.serve_deploy_config(ServeConfi
 {{- $_ := set $pair "placement_group_bundles" (list (dict "CPU" $p.replica_cpus) $tower (deepCopy $tower)) }}
 {{- $_ := set $pair "placement_group_strategy" "STRICT_PACK" }}
 {{- end }}
+{{- if eq $s.request_router "prefix_affinity" }}
+{{- $kwargs := dict "model" $args.model "grid" $s.engine.prefix_cache_grid "imbalance" $s.affinity_imbalance }}
+{{- $_ := set $pair "request_router_config" (dict "request_router_class" "twotower.cluster.serve.prefix_router:PrefixAffinityRouter" "request_router_kwargs" $kwargs) }}
+{{- end }}
 {{- $app := dict "name" $s.app_name "route_prefix" "/" "import_path" "twotower.cluster.serve.app:build_app" "args" $args "deployments" (list $pair (dict "name" "Ingress")) }}
 {{- $http := dict "host" $s.host "port" $s.http_port }}
 {{- if $s.tls_certfile }}{{ $_ := set $http "ssl_certfile" $s.tls_certfile }}{{ end }}

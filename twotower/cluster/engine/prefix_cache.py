@@ -28,6 +28,17 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 
+def grid_prefix_keys(tokens: list[int], grid: int) -> list[int]:
+    """One key per grid point a prompt can be seated at (k*grid tokens, k >= 1, strictly before its last
+    token, as PrefixCache.match allows): a chained hash of tokens[:k*grid]. For routing by prefix
+    (serve/prefix_router.py): a hash collision there only misroutes, the cache's own keys are exact."""
+    keys, h = [], 0
+    for k in range((len(tokens) - 1) // grid):
+        h = hash((h, tuple(tokens[k * grid : (k + 1) * grid])))
+        keys.append(h)
+    return keys
+
+
 @dataclass(eq=False)
 class Entry:
     id: int

@@ -57,6 +57,9 @@ class AutoscalingSettings:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
+REQUEST_ROUTERS = ("prefix_affinity", "power_of_two")
+
+
 @dataclass
 class ServeConfig:
     model: str | None = None  # checkpoint directory; None = the bundled model
@@ -81,6 +84,11 @@ class ServeConfig:
     # times one request may move to another tower pair when its pair dies mid-stream: it resumes there
     # after the tokens it already streamed (serve/handle_client.py). 0 = off: such a stream ends UNAVAILABLE
     migration_limit: int = 1
+    # how the ingress picks a tower pair (serve/prefix_router.py): "prefix_affinity" sends a prompt to the
+    # pair that last read its leading prefix-cache grid blocks unless that pair's queue is longer than the
+    # shortest by more than affinity_imbalance requests; "power_of_two" is Serve's own load-only choice
+    request_router: str = "prefix_affinity"
+    affinity_imbalance: int = 4
     # a file of API keys, one per line (a mounted Secret on Kubernetes): when set, both APIs need
     # `Authorization: Bearer <key>` on everything but health checks (ingress/auth.py)
     api_keys_file: str | None = None
@@ -120,6 +128,12 @@ class ServeConfig:
         m = self.migration_limit
         if not isinstance(m, int) or isinstance(m, bool) or not 0 <= m <= 16:
             raise ValueError(f"migration_limit: must be an integer in [0, 16] (0 = off; got {m!r})")
+        if self.request_router not in REQUEST_ROUTERS:
+            raise ValueError(f"request_router: must be one of {', '.join(REQUEST_ROUTERS)} "
+                             f"(got {self.request_router!r})")  # fmt: skip
+        a = self.affinity_imbalance
+        if not isinstance(a, int) or isinstance(a, bool) or a < 0:
+            raise ValueError(f"affinity_imbalance: must be a non-negative integer (got {a!r})")
         q = self.max_queued_requests
         if not isinstance(q, int) or isinstance(q, bool) or (q < 1 and q != -1):
             raise ValueError(f"max_queued_requests: must be >= 1, or -1 for no bound (got {q!r})")

@@ -19,6 +19,7 @@ from .config import AutoscalingSettings, ServeConfig
 
 IMPORT_PATH = "twotower.cluster.serve.app:build_app"
 PAIR_DEPLOYMENT = "TowerPair"
+ROUTER_CLASS_PATH = "twotower.cluster.serve.prefix_router:PrefixAffinityRouter"  # importing it needs Ray
 INGRESS_DEPLOYMENT = "Ingress"
 def pair_deployment_options(cfg: ServeConfig) -> dict[str, Any]:
     """The TowerPair deployment's options (None = Serve's default), as app.py binds them and as the
@@ -37,7 +38,16 @@ def pair_deployment_options(cfg: ServeConfig) -> dict[str, Any]:
         # bundle 0: this replica; 1 and 2: the context and denoiser actors (actors/pair.py)
         "placement_group_bundles": p.bundles() if p.enabled else None,
         "placement_group_strategy": PLACEMENT_STRATEGY if p.enabled else None,
+        "request_router_config": _router_config(cfg),
     }
+
+
+def _router_config(cfg: ServeConfig) -> dict[str, Any] | None:
+    """Serve's RequestRouterConfig of the TowerPair deployment (None: Serve's power-of-two default)."""
+    if cfg.request_router != "prefix_affinity":
+        return None
+    kwargs = {"model": cfg.model, "grid": cfg.engine.prefix_cache_grid, "imbalance": cfg.affinity_imbalance}
+    return {"request_router_class": ROUTER_CLASS_PATH, "request_router_kwargs": kwargs}
 
 
 def _tls_options(cfg: ServeConfig) -> dict[str, str]:
