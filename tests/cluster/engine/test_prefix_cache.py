@@ -206,3 +206,23 @@ def test_bundled_model_cache_on_is_token_identical(mode):
             stats = eng.ex.prefix_cache_stats().result()
             assert stats.hit_tokens >= len(TAILS[1:]) * (len(head) // G) * G, stats
     assert outs[1] == outs[0], mode
+
+
+@pytest.mark.skipif(not (BUNDLED_MODEL / "config.json").is_file(), reason="no bundled model")
+@pytest.mark.parametrize("mode", ["ar", "diffusion"])
+def test_bundled_model_tiny_budget_is_token_identical(mode):
+    """The bundled model under a 2.5-entry budget: three prefixes one after another evict each other, the
+    last and the first come back; budget and pins hold after every step and the output equals the cache off."""
+    model = load_model(BUNDLED_MODEL, dtype="float32")
+    prompts = [model.tokenizer.encode(f"# {name}.py\n" + SYSTEM + TAILS[0]) for name in ("report", "check", "io")]
+    # the last comes back while its entries are the newest (a hit); the first when they are long gone,
+    # and its snapshot then finds no room (the running hit pins the only two entries)
+    load = [(0, prompts[0]), (30, prompts[1]), (60, prompts[2]), (90, prompts[2]), (91, prompts[0][: G + 9])]
+    params = SamplingParams(max_tokens=16, ignore_eos=True, **SPECS[mode])
+    off = run(build_engine(model, EngineConfig(eager=True, prefix_cache=False)), load, params)
+    probe = build_engine(model, EngineConfig(eager=True, prefix_cache_grid=G))
+    budget = int(2.5 * probe.ex.ctx.cache.entry_bytes)
+    eng = build_engine(model, EngineConfig(eager=True, prefix_cache_grid=G, prefix_cache_bytes=budget))
+    assert run(eng, load, params, check=_check_budget_and_pins) == off
+    stats = eng.ex.prefix_cache_stats().result()
+    assert stats.evictions > 0 and stats.hit_tokens > 0, stats
