@@ -118,12 +118,12 @@ def pair_transfer(model: str, out) -> None:
     ray.shutdown()
 
 
-def engines(ctx, den, dev: str, compile: bool | str):
+def engines(ctx, den, dev: str, compile: bool | str, cache=None):
     from twotower.cluster.engine.engine import Engine
     from twotower.cluster.engine.executor import InProcessExecutor, PoolLimits
     from twotower.cluster.engine.params import ModelLimits
 
-    ex = InProcessExecutor(ctx, den, PoolLimits(32, 8192, 64), compile=compile)
+    ex = InProcessExecutor(ctx, den, PoolLimits(32, 8192, 64, prefix_cache=cache), compile=compile)
     return ex, Engine(ex, ModelLimits(ctx.cfg.vocab_size, 8192))
 
 
@@ -148,6 +148,38 @@ def captured_steps(ctx, den, dev: str, out) -> dict:
         got = {k: [r.output_ids for r in eng.generate(prompts, sp)] for k, (_, eng) in built.items()}
         log(f"steps: {mode} captured tokens == eager tokens: {got['captured'] == got['eager']}", out)
     return {k: eng for k, (_, eng) in built.items()}
+
+
+def prefix_cache(ctx, den, dev: str, out, compile: bool | str = "eager") -> None:
+    """The prefix cache off vs on, same steps: 32 requests sharing a 512-token prefix (+ 32-token tails)
+    arriving together; TTFT p50, prefill tokens, and whether the tokens match (bf16 may differ where
+    batch shapes differ; the float32 identity is tested on CPU)."""
+    from twotower.cluster.engine.config import PrefixCacheConfig
+    from twotower.cluster.engine.params import SamplingParams
+
+    g = torch.Generator().manual_seed(2)
+    head = torch.randint(4, ctx.cfg.vocab_size, (512,), generator=g).tolist()
+    prompts = [head + torch.randint(4, ctx.cfg.vocab_size, (32,), generator=g).tolist() for _ in range(32)]
+    warm = [torch.randint(4, ctx.cfg.vocab_size, (544,), generator=g).tolist() for _ in range(2)]
+    for mode in ("ar", "diffusion"):
+        sp = SamplingParams(mode=mode, max_tokens=32, ignore_eos=True, block_size=16, gamma=0.8)
+        res = {}
+        for label, cache in (("off", None), ("on", PrefixCacheConfig(256, 1 << 30))):
+            ex, eng = engines(ctx, den, dev, compile, cache)
+            eng.generate([[5, 6, 7]], sp)
+            eng.generate(warm, sp)  # builds the step keys; shares nothing with the measured prompts
+            sync(dev)
+            t0 = time.monotonic()
+            reqs = [eng.add_request(p, sp) for p in prompts]
+            while eng.has_unfinished():
+                eng.step()
+            sync(dev)
+            ttft = sorted(r.first_token_time - t0 for r in reqs)[len(reqs) // 2]
+            read = sum(len(p) for p in prompts) - sum(r.usage.cached_tokens for r in reqs)
+            res[label] = (ttft, read, [r.output_ids for r in reqs])
+        (t_off, r_off, o_off), (t_on, r_on, o_on) = res["off"], res["on"]
+        log(f"prefix cache: {mode:9s} TTFT p50 off {t_off * 1e3:.1f} ms on {t_on * 1e3:.1f} ms ({t_off / t_on:.2f}x); "
+            f"prefill tokens {r_off} -> {r_on}; tokens identical: {o_off == o_on}", out)  # fmt: skip
 
 
 def throughput(engs: dict, ctx, dev: str, out, max_tokens: int) -> None:
@@ -228,6 +260,7 @@ def main() -> None:
     kernel_check.run(dev, log=lambda m: log(m, out), budget_s=90.0)
     engs = captured_steps(ctx, den, dev, out)  # on CPU: traced graphs, not captured (checks the script)
     throughput(engs, ctx, dev, out, a.max_tokens)
+    prefix_cache(ctx, den, dev, out)
     log(f"total {time.perf_counter() - t0:.1f} s", out)
 
 

@@ -4,16 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .cache_limits import PREFILL_CHUNK, PrefixCacheConfig
+
 DTYPES = ("float32", "bfloat16", "float16")  # tower dtypes a config may name (None: see loading.resolve_dtype)
-PREFILL_CHUNK = 64  # prompt tokens per row per prefill step (one static shape for any prompt length)
-
-
-@dataclass(frozen=True)
-class PrefixCacheConfig:
-    """The context tower's prefix cache (prefix_cache.py), from EngineConfig."""
-
-    grid: int = 256  # G: tokens per grid block (a multiple of PREFILL_CHUNK)
-    budget: int = 1 << 30  # bytes its entries may take
 
 
 @dataclass

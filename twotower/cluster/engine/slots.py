@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .config import PREFILL_CHUNK, PrefixCacheConfig
+from .cache_limits import PREFILL_CHUNK, PrefixCacheConfig
 from .steps import MIN_WINDOW, window_bucket
 
 __all__ = ["PREFILL_CHUNK", "PoolLimits", "SlotTable"]

@@ -8,7 +8,8 @@ request by engine.prefix_cache.grid_prefix_keys of its prompt (token ids as give
 model's tokenizer, the engine's own) and remembers which replica each key last went to. A request goes
 to the replica holding its longest known prefix, unless that replica's queue is longer than the
 shortest one's by more than `imbalance` requests: then, and for prompts no replica holds, load decides
-(the lowest queue among all, as Serve's own selection does). If the preferred replica refuses (its
+as in Serve's default router (the shorter queue of two random replicas; a fixed order would send every
+tie, such as a burst of short prompts, to the same replica). If the preferred replica refuses (its
 queue is full), the others are the second rank.
 
 The table is a guess about each replica's cache, not a copy of it: a replica may have evicted an
@@ -19,6 +20,7 @@ replica that died.
 from __future__ import annotations
 
 import logging
+import random
 from collections import OrderedDict
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -110,7 +112,10 @@ class PrefixAffinityRouter(RequestRouter):
         by_id = {r.replica_id: r for r in candidate_replicas}
         owner = self.table.owner(self.prompt_keys(pending_request), by_id)
         loads = {rid: self.replica_queue_len_cache.get(rid) or 0 for rid in by_id}
-        return [[by_id[rid] for rid in rank] for rank in prefer(owner, loads, self.imbalance)]
+        ranks = prefer(owner, loads, self.imbalance)
+        if len(ranks) == 1:  # load decides: two random replicas, the shorter queue wins (Serve's power of two)
+            ranks = [random.sample(ranks[0], min(2, len(ranks[0])))]
+        return [[by_id[rid] for rid in rank] for rank in ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         keys = self._keys.pop(pending_request.metadata.internal_request_id, None)
